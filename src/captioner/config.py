@@ -1,0 +1,312 @@
+"""Typed, layered configuration: dataclass defaults -> preset YAML -> ``--set`` overrides -> validate.
+
+A preset is a YAML file shipped in ``captioner/configs``; a user YAML may name one with
+``extends: <preset>`` and override a subset of fields. Every error names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from captioner.errors import ConfigError
+
+DataFormat = Literal["auto", "flickr8k", "flickr8k_original", "coco", "synthetic"]
+Backbone = Literal["mobilenet_v1_075", "efficientnet_b0", "mobilenet_v3_large", "inception_v3", "patches"]
+Weights = Literal["imagenet", "none"]
+Strategy = Literal["default", "mirrored", "multi_worker"]
+SelectMetric = Literal["bleu4", "val_loss"]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_train: int = 1500
+    num_dev: int = 200
+    num_test: int = 200
+    image_size: int = 96
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: DataFormat = "auto"
+    root: str = ""
+    # Limit images per split (0 = all): for quick experiments on a real data set.
+    max_images_per_split: int = 0
+    # A captioned image missing from the image folder: fail ("error") or leave it out with a warning.
+    on_missing_image: Literal["error", "skip"] = "error"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    min_count: int = 5
+    max_size: int = 10000
+    # Longest training caption in tokens, <start> and <end> included; longer ones are cut.
+    max_length: int = 24
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    backbone: Backbone = "mobilenet_v1_075"
+    weights: Weights = "imagenet"
+    image_size: int = 224
+    batch_size: int = 32
+    shard_size: int = 2048
+    # Where extracted features are cached, keyed by a fingerprint; "" = <output>/features.
+    cache_dir: str = ""
+    # Also extract features of horizontally flipped training images (augmentation).
+    flip_train: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 256
+    num_layers: int = 2
+    num_heads: int = 8
+    ff_dim: int = 1024
+    dropout: float = 0.3
+    # Dropout on the image-feature vectors before projection.
+    feature_dropout: float = 0.1
+    # Self-attention layers over the image features before the decoder (0 = projection only).
+    encoder_layers: int = 0
+    tie_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    early_stopping_patience: int = 3
+    select_metric: SelectMetric = "bleu4"
+    distribute: Strategy = "default"
+    mixed_precision: bool = False
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam_size: int = 3
+    max_length: int = 20
+    length_penalty: float = 0.6
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: Literal["test", "dev"] = "test"
+    meteor: Literal["auto", "on", "off"] = "auto"
+    num_samples: int = 12
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    enabled: bool = True
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> Config:
+        _validate(self, "")
+        checks = [
+            (self.model.d_model % self.model.num_heads == 0, "model.d_model",
+             f"must be divisible by model.num_heads ({self.model.num_heads})"),
+            (self.decode.beam_size >= 1, "decode.beam_size", "must be >= 1"),
+            (self.decode.max_length >= 2, "decode.max_length", "must be >= 2"),
+            (self.tokenizer.max_length >= 3, "tokenizer.max_length", "must be >= 3"),
+            (self.tokenizer.min_count >= 1, "tokenizer.min_count", "must be >= 1"),
+            (self.tokenizer.max_size > 4, "tokenizer.max_size", "must be > 4 (the special tokens)"),
+            (self.train.epochs >= 0, "train.epochs", "must be >= 0"),
+            (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (0 <= self.model.dropout < 1, "model.dropout", "must be in [0, 1)"),
+            (0 <= self.model.feature_dropout < 1, "model.feature_dropout", "must be in [0, 1)"),
+            (0 <= self.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
+            (self.features.image_size >= 32, "features.image_size", "must be >= 32"),
+            (self.data.format == "synthetic" or self.data.root != "", "data.root",
+             "is required unless data.format=synthetic (e.g. --set data.root=../shared/data/flickr8k)"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ConfigError(f"{name} {message}", field=name)
+        return self
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _validate(value, name + ".")
+        elif get_origin(hint) is Literal and value not in get_args(hint):
+            allowed = ", ".join(map(str, get_args(hint)))
+            raise ConfigError(f"{name}={value!r} is not allowed; allowed values: {allowed}", field=name)
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("captioner") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path | Any, label: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{label}, line {mark.line + 1}" if mark else label
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _preset_dict(name: str) -> dict[str, Any]:
+    path = resources.files("captioner") / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown preset {name!r}; presets: {', '.join(preset_names())} (or give a path to a YAML file)",
+            field="config",
+        )
+    data = _read_yaml(path, f"preset {name}")
+    data.setdefault("name", name)
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices and isinstance(value, str):
+            for choice in choices:
+                if str(choice) == value:
+                    return choice
+        return value  # validate() reports it with the allowed values
+    if origin in (types.UnionType, typing.Union):
+        return value
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {hint.__name__}", field=name) from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"unknown field {name!r}; fields here: {allowed}", field=name)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping, got {value!r}", field=name)
+            kwargs[key] = _build(hint, value, name + ".")
+        else:
+            kwargs[key] = _coerce(value, hint, name)
+    return cls(**kwargs)
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["train.epochs=3", ...]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. train.epochs=3", field=pair)
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part!r} is not a section", field=key)
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset name or YAML path plus ``key=value`` overrides into a validated Config."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}", field="config")
+        data = _read_yaml(path, str(path))
+        base = data.pop("extends", None)
+        if base:
+            data = _merge(_preset_dict(str(base)), data)
+        data.setdefault("name", path.stem)
+    else:
+        data = _preset_dict(name_or_path)
+    data = _merge(data, parse_overrides(overrides))
+    return _build(Config, data, "").validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "").validate()
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    return config_from_dict(_merge(cfg.to_dict(), overrides))

@@ -1,0 +1,1 @@
+"""Caption data: readers, the synthetic generator, the tokenizer and image preprocessing."""

@@ -1,0 +1,128 @@
+"""A deterministic synthetic captioning data set: coloured shapes with positions and relations.
+
+It is the offline default: it needs no download, trains in minutes, and its captions are fully
+determined by the picture (modulo phrasing), so a working model reaches BLEU-4 near 1. It is
+written in the ``flickr8k`` layout (captions.tsv, splits/, images/) and read by the same reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from captioner.config import SyntheticConfig
+from captioner.constants import COMPLETE_MARKER
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 70, 230), "yellow": (240, 220, 30),
+           "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (40, 40, 40)
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float) -> None:
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+
+
+def _one(rng: random.Random, size: int) -> tuple[Image.Image, list[str]]:
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    where = rng.choice(["left", "right", "top", "bottom"])
+    r = size * rng.uniform(0.16, 0.22)
+    jitter = size * rng.uniform(-0.06, 0.06)
+    centre = {"left": (size * 0.27, size / 2 + jitter), "right": (size * 0.73, size / 2 + jitter),
+              "top": (size / 2 + jitter, size * 0.27), "bottom": (size / 2 + jitter, size * 0.73)}[where]
+    _draw(draw, shape, colour, *centre, r)
+    part = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}[where]
+    captions = [
+        f"a {colour} {shape} on the {part}",
+        f"there is a {colour} {shape} on the {part}",
+        f"a {colour} {shape} in the {part} of the image",
+        f"one {colour} {shape} on the {part} side",
+        f"a single {colour} {shape} at the {part}",
+    ]
+    return img, captions
+
+
+def _two(rng: random.Random, size: int) -> tuple[Image.Image, list[str]]:
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    while True:
+        a = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
+        b = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
+        if a != b:
+            break
+    horizontal = rng.random() < 0.5
+    r = size * rng.uniform(0.13, 0.17)
+    jitter = size * rng.uniform(-0.05, 0.05)
+    if horizontal:
+        pa, pb = (size * 0.27, size / 2 + jitter), (size * 0.73, size / 2 - jitter)
+    else:
+        pa, pb = (size / 2 + jitter, size * 0.27), (size / 2 - jitter, size * 0.73)
+    _draw(draw, a[0], a[1], *pa, r)
+    _draw(draw, b[0], b[1], *pb, r)
+    an, bn = f"a {a[1]} {a[0]}", f"a {b[1]} {b[0]}"
+    if horizontal:
+        captions = [
+            f"{an} to the left of {bn}",
+            f"{bn} to the right of {an}",
+            f"{an} is left of {bn}",
+            f"{bn} is right of {an}",
+            f"{an} and {bn} side by side",
+        ]
+    else:
+        captions = [
+            f"{an} above {bn}",
+            f"{bn} below {an}",
+            f"{an} is on top of {bn}",
+            f"{bn} is under {an}",
+            f"{an} over {bn}",
+        ]
+    return img, captions
+
+
+def generate(root: Path | str, cfg: SyntheticConfig) -> Path:
+    """Write the data set to ``root`` (atomically) unless a complete copy with this config is there."""
+    root = Path(root)
+    params = json.dumps(cfg.__dict__, sort_keys=True)
+    marker = root / COMPLETE_MARKER
+    if marker.is_file() and marker.read_text() == params:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "splits").mkdir()
+        rng = random.Random(cfg.seed)
+        lines = []
+        counts = {"train": cfg.num_train, "dev": cfg.num_dev, "test": cfg.num_test}
+        for split, count in counts.items():
+            names = []
+            for index in range(count):
+                img, captions = (_one if rng.random() < 0.4 else _two)(rng, cfg.image_size)
+                name = f"{split}_{index:05d}.png"
+                img.save(tmp / "images" / name)
+                names.append(name)
+                lines.extend(f"{name}\t{caption}" for caption in captions)
+            (tmp / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        (tmp / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / COMPLETE_MARKER).write_text(params)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,161 @@
+"""Export a trained model as a TensorFlow Serving SavedModel.
+
+Signatures (names in ``captioner.constants``):
+
+* ``serving_default``: ``image_bytes [B]`` (encoded JPEG/PNG/GIF/BMP) -> ``captions [B]``, ``scores [B]``,
+  ``nbest_captions [B, K]``, ``nbest_scores [B, K]``; decoding and beam search run in-graph with
+  stock TensorFlow ops only (no ``py_function``, no custom ops).
+* ``encode``: ``images [B, S, S, 3]`` uint8 (already preprocessed) -> ``features [B, N, d]``.
+* ``decode_step``: ``features [B, N, d]``, ``tokens [B]`` (previous token), ``state [B, 2L, t, d]``
+  -> ``log_probs [B, V]``, ``attention [B, N]``, ``state [B, 2L, t+1, d]``; the initial state has t = 0.
+* ``metadata``: -> ``metadata_json`` (input size, vocabulary size, backbone, metrics, ...).
+
+The vocabulary is an asset (``vocab.txt``), and ``assets.extra/tf_serving_warmup_requests`` holds a
+warm-up request for ``serving_default``. The folder appears in one rename when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner import constants as C
+from captioner.config import Config
+from captioner.io_utils import atomic_directory
+
+
+def _decode_image(data, size: int):
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[str, Any]):
+    import tensorflow as tf
+
+    from captioner.data.tokenizer import id_to_token_table, ids_to_text
+    from captioner.model.decoding import decode
+
+    size = cfg.features.image_size
+    beam, max_length, alpha = cfg.decode.beam_size, cfg.decode.max_length, cfg.decode.length_penalty
+    d, layers, regions = model.cfg.d_model, model.num_layers, model.num_regions
+    metadata_json = json.dumps(metadata, sort_keys=True)
+
+    class CaptionerModule(tf.Module):
+        def __init__(self):
+            super().__init__(name="captioner")
+            self.backbone = backbone
+            self.model = model
+            self.vocab = tf.saved_model.Asset(str(vocab_txt))
+            self.table = id_to_token_table(self.vocab.asset_path)
+
+        def _memory(self, images):
+            return self.model.encode(self.backbone(tf.cast(images, tf.float32), training=False))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=C.IN_IMAGE_BYTES)])
+        def serve(self, image_bytes):
+            images = tf.map_fn(lambda b: _decode_image(b, size), image_bytes,
+                               fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+            out = decode(self.model, self._memory(images), beam_size=beam, max_length=max_length,
+                         length_penalty=alpha)
+            tokens = out["tokens"]
+            shape = tf.shape(tokens)
+            texts = tf.reshape(ids_to_text(tf.reshape(tokens, [-1, shape[2]]), self.table), shape[:2])
+            return {C.OUT_CAPTIONS: texts[:, 0], C.OUT_SCORES: out["scores"][:, 0],
+                    C.OUT_NBEST: texts, C.OUT_NBEST_SCORES: out["scores"]}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=C.IN_IMAGES)])
+        def encode(self, images):
+            return {C.OUT_FEATURES: tf.cast(self._memory(images), tf.float32)}
+
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, regions, d], tf.float32, name=C.IN_FEATURES),
+            tf.TensorSpec([None], tf.int32, name=C.IN_TOKENS),
+            tf.TensorSpec([None, 2 * layers, None, d], tf.float32, name=C.IN_STATE)])
+        def decode_step(self, features, tokens, state):
+            log_probs, attention, state = self.model.step(features, tokens, state)
+            return {C.OUT_LOG_PROBS: log_probs, C.OUT_ATTENTION: tf.cast(attention, tf.float32),
+                    C.OUT_STATE: tf.cast(state, tf.float32)}
+
+        @tf.function(input_signature=[])
+        def metadata(self):
+            return {C.OUT_METADATA: tf.constant(metadata_json)}
+
+    return CaptionerModule()
+
+
+def _warmup_image(size: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_warmup(path: Path, model_name: str, size: int) -> None:
+    """One PredictionLog with a serving_default request, as TF Serving's warm-up expects."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=C.SIG_SERVING))
+    request.inputs[C.IN_IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([_warmup_image(size)], dtype=tf.string))
+    record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(record.SerializeToString())
+
+
+def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | str, cfg: Config,
+                       metrics: dict[str, Any] | None = None, model_name: str = "captioner") -> Path:
+    """Write the SavedModel for ``model`` (trained folder ``model_dir`` holds its vocab) to ``out_dir``."""
+    import tensorflow as tf
+
+    from captioner.data.tokenizer import Tokenizer
+    from captioner.tracking import git_commit
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    tokenizer = Tokenizer.load(model_dir)
+    metadata = {
+        "format": "captioner-saved-model", "version": 1, "model_name": model_name,
+        "input_size": cfg.features.image_size, "vocab_size": tokenizer.vocab_size,
+        "backbone": cfg.features.backbone, "weights": cfg.features.weights,
+        "num_regions": model.num_regions, "d_model": model.cfg.d_model, "num_layers": model.num_layers,
+        "state_shape": [None, 2 * model.num_layers, None, model.cfg.d_model],
+        "special_tokens": list(C.SPECIAL_TOKENS), "beam_size": cfg.decode.beam_size,
+        "max_length": cfg.decode.max_length, "length_penalty": cfg.decode.length_penalty,
+        "metrics": metrics or {}, "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "signatures": [C.SIG_SERVING, C.SIG_ENCODE, C.SIG_DECODE_STEP, C.SIG_METADATA],
+    }
+    with atomic_directory(out_dir) as tmp:
+        with tempfile.TemporaryDirectory() as scratch:
+            # The asset keeps its base name inside the SavedModel: stage it as plain vocab.txt.
+            vocab_txt = Path(scratch) / C.VOCAB_TXT
+            shutil.copyfile(model_dir / C.VOCAB_TXT, vocab_txt)
+            module = build_module(backbone, model, vocab_txt, cfg, metadata)
+            signatures = {C.SIG_SERVING: module.serve, C.SIG_ENCODE: module.encode,
+                          C.SIG_DECODE_STEP: module.decode_step, C.SIG_METADATA: module.metadata}
+            tf.saved_model.save(module, str(tmp), signatures=signatures)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / C.METADATA_JSON).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        shutil.copyfile(model_dir / C.VOCAB_JSON, extra / C.VOCAB_JSON)
+        if cfg.export.warmup:
+            write_warmup(extra / C.WARMUP_FILE, model_name, cfg.features.image_size)
+    return out_dir
+
+
+def read_metadata(saved_model_dir: Path | str) -> dict[str, Any]:
+    path = Path(saved_model_dir) / "assets.extra" / C.METADATA_JSON
+    return json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""The captioning model and its decoders."""

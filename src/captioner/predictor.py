@@ -1,0 +1,137 @@
+"""Caption images with a trained model: in memory, or from an exported SavedModel.
+
+Both runners share the preprocessing (``captioner.data.images.load_image``) and the decoders
+(``captioner.model.decoding``); the SavedModel runner drives the ``encode``/``decode_step``
+signatures exactly as the gateway does, so its captions equal the in-graph ``serving_default``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner import constants as C
+from captioner.data.images import load_image
+from captioner.errors import ModelError
+
+
+@dataclass
+class Caption:
+    caption: str
+    score: float
+    nbest: list[tuple[str, float]] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)
+    # Per-word attention over the image regions: [len(words), N]; None unless asked for.
+    attention: np.ndarray | None = None
+
+    def to_dict(self, with_attention: bool = False) -> dict[str, Any]:
+        out = {"caption": self.caption, "score": self.score,
+               "nbest": [{"caption": c, "score": s} for c, s in self.nbest]}
+        if with_attention and self.attention is not None:
+            out["words"] = self.words
+            out["attention"] = np.round(self.attention, 5).tolist()
+        return out
+
+
+def results_from_decode(out: dict, vocab: Sequence[str], with_attention: bool = False) -> list[Caption]:
+    """Turn ``decode`` output (``[B, K, T]`` tokens etc.) into ``Caption`` objects, best first."""
+    tokens = np.asarray(out["tokens"])
+    scores = np.asarray(out["scores"])
+    attention = np.asarray(out["attention"]) if with_attention else None
+    results = []
+    for b in range(tokens.shape[0]):
+        nbest = []
+        for k in range(tokens.shape[1]):
+            words = _words(tokens[b, k], vocab)
+            nbest.append((" ".join(words), float(scores[b, k])))
+        words = _words(tokens[b, 0], vocab)
+        att = attention[b, 0, : len(words)] if attention is not None else None
+        results.append(Caption(nbest[0][0], nbest[0][1], nbest, words, att))
+    return results
+
+
+def _words(ids, vocab: Sequence[str]) -> list[str]:
+    words = []
+    for i in ids:
+        i = int(i)
+        if i == C.END_ID:
+            break
+        if i > C.START_ID:
+            words.append(vocab[i] if i < len(vocab) else C.UNK)
+    return words
+
+
+class SavedModelCaptioner:
+    """Runs an exported SavedModel in-process with the library's preprocessing and decoders."""
+
+    def __init__(self, saved_model_dir: Path | str):
+        import tensorflow as tf
+
+        self.path = Path(saved_model_dir)
+        if not (self.path / "saved_model.pb").is_file():
+            raise ModelError("not a SavedModel folder (no saved_model.pb)", path=str(self.path))
+        self.loaded = tf.saved_model.load(str(self.path), tags=[C.SERVE_TAG])
+        missing = [s for s in (C.SIG_ENCODE, C.SIG_DECODE_STEP) if s not in self.loaded.signatures]
+        if missing:
+            raise ModelError(f"SavedModel lacks signature(s) {missing}", path=str(self.path))
+        self.metadata = json.loads(self.loaded.signatures[C.SIG_METADATA]()[C.OUT_METADATA].numpy())
+        vocab = json.loads((self.path / "assets.extra" / C.VOCAB_JSON).read_text())
+        self.vocab = vocab["tokens"]
+        self.image_size = int(self.metadata["input_size"])
+        self._encode = self.loaded.signatures[C.SIG_ENCODE]
+        self._step = self.loaded.signatures[C.SIG_DECODE_STEP]
+        self._decoders: dict[tuple, Callable] = {}
+
+    def _decoder(self, beam_size: int, max_length: int, length_penalty: float) -> Callable:
+        import tensorflow as tf
+
+        from captioner.model.decoding import beam_search, greedy_search, tile_beams
+
+        key = (beam_size, max_length, length_penalty)
+        if key not in self._decoders:
+            regions = int(self.metadata["num_regions"])
+            shape = self.metadata["state_shape"]
+
+            @tf.function(reduce_retracing=True)
+            def run(images):
+                features = self._encode(images=images)[C.OUT_FEATURES]
+                batch = tf.shape(features)[0]
+                rows = batch * beam_size
+                tiled = tile_beams(features, beam_size) if beam_size > 1 else features
+                state = tf.zeros([rows, shape[1], 0, shape[3]], tf.float32)
+
+                def step(tokens, state):
+                    out = self._step(features=tiled, tokens=tokens, state=state)
+                    return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
+
+                if beam_size == 1:
+                    out = greedy_search(step, state, batch, max_length, regions)
+                    return {k: v[:, None] for k, v in out.items()}
+                return beam_search(step, state, batch, beam_size, max_length, regions, length_penalty)
+
+            self._decoders[key] = run
+        return self._decoders[key]
+
+    def caption_pixels(self, pixels: np.ndarray, *, beam_size: int | None = None, max_length: int | None = None,
+                       length_penalty: float | None = None, with_attention: bool = False) -> list[Caption]:
+        beam_size = beam_size or int(self.metadata["beam_size"])
+        max_length = max_length or int(self.metadata["max_length"])
+        alpha = float(self.metadata["length_penalty"] if length_penalty is None else length_penalty)
+        out = self._decoder(beam_size, max_length, alpha)(np.asarray(pixels, np.uint8))
+        return results_from_decode({k: v.numpy() for k, v in out.items()}, self.vocab, with_attention)
+
+    def caption_files(self, paths: Sequence[Path | str], **kwargs) -> list[Caption]:
+        pixels = np.stack([load_image(p, self.image_size) for p in paths])
+        return self.caption_pixels(pixels, **kwargs)
+
+
+def caption_images(model_dir: Path | str, paths: Sequence[Path | str], beam_size: int = 3,
+                   max_length: int | None = None, with_attention: bool = False) -> list[Caption]:
+    """Caption image files with an exported SavedModel; the notebook/script entry point."""
+    return SavedModelCaptioner(model_dir).caption_files(paths, beam_size=beam_size, max_length=max_length,
+                                                        with_attention=with_attention)

@@ -1,0 +1,345 @@
+"""Training: input pipeline, distribution strategy, checkpoints with resume, model selection on dev.
+
+A trained model is a folder (``model_dir``) holding ``model.weights.h5``, ``model.json`` (the shapes and
+config needed to rebuild it) and the vocabulary; ``load_trained`` turns it back into a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner.config import Config, ModelConfig, config_from_dict
+from captioner.constants import CHECKPOINT_DIR, PAD_ID
+from captioner.data.readers import CaptionDataset
+from captioner.data.tokenizer import Tokenizer
+from captioner.errors import ModelError
+from captioner.features.extract import FLIP_SUFFIX, FeatureStore
+from captioner.io_utils import atomic_write_json
+from captioner.tracking import ExperimentTracker, set_global_seed
+
+log = logging.getLogger(__name__)
+WEIGHTS_FILE = "model.weights.h5"
+MODEL_JSON = "model.json"
+KILL_AFTER_EPOCH_ENV = "CAPTIONER_KILL_AFTER_EPOCH"  # fault injection for the resume test
+
+
+# -- input pipeline ----------------------------------------------------------------------------
+@dataclass
+class CaptionPairs:
+    """Every (image, caption) pair of a split: ``image_index [P]`` into ``features``, ``tokens [P, L]``."""
+
+    images: list[str]
+    features: np.ndarray  # [n_images, N, C] float16
+    image_index: np.ndarray
+    tokens: np.ndarray
+    flipped: np.ndarray | None = None  # features of mirrored images, same order, or None
+
+
+def encode_captions(captions: list[str], tokenizer: Tokenizer, max_length: int) -> np.ndarray:
+    out = np.full((len(captions), max_length), PAD_ID, dtype=np.int32)
+    for row, caption in enumerate(captions):
+        ids = tokenizer.encode(caption, max_length)
+        out[row, : len(ids)] = ids
+    return out
+
+
+def caption_pairs(dataset: CaptionDataset, split: str, tokenizer: Tokenizer, store: FeatureStore,
+                  max_length: int, flip: bool = False) -> CaptionPairs:
+    images = dataset.splits[split]
+    index, texts = [], []
+    for i, image in enumerate(images):
+        for caption in dataset.captions[image]:
+            index.append(i)
+            texts.append(caption)
+    flipped = store.load([name + FLIP_SUFFIX for name in images]) if flip else None
+    return CaptionPairs(images, store.load(images), np.asarray(index, np.int32),
+                        encode_captions(texts, tokenizer, max_length), flipped)
+
+
+def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed: int, first_epoch: int = 0):
+    """``tf.data`` of ``((features, input tokens), target tokens, target weights)`` batches.
+
+    Batches are gathered in NumPy from in-memory features (a generator the prefetch thread runs
+    ahead of the model); each epoch's order is a function of (seed, epoch), so a resumed run sees
+    the same order it would have seen.
+    """
+    import tensorflow as tf
+
+    count = len(pairs.image_index)
+    epoch = [first_epoch]
+    length = pairs.tokens.shape[1] - 1
+    regions, dim = pairs.features.shape[1:]
+
+    def generate():
+        rng = np.random.default_rng([seed, epoch[0]])
+        order = rng.permutation(count) if shuffle else np.arange(count)
+        epoch[0] += 1
+        for start in range(0, count, batch_size):
+            rows = order[start:start + batch_size]
+            images = pairs.image_index[rows]
+            features = pairs.features[images]
+            if pairs.flipped is not None and shuffle:
+                mirror = rng.random(len(rows)) < 0.5
+                features = np.where(mirror[:, None, None], pairs.flipped[images], features)
+            tokens = pairs.tokens[rows]
+            target = tokens[:, 1:]
+            yield (features, tokens[:, :-1]), target, (target != PAD_ID).astype(np.float32)
+
+    spec = ((tf.TensorSpec([None, regions, dim], tf.float16), tf.TensorSpec([None, length], tf.int32)),
+            tf.TensorSpec([None, length], tf.int32), tf.TensorSpec([None, length], tf.float32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(4)
+
+
+# -- model, loss, schedule ---------------------------------------------------------------------
+def make_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ModelError(f"unknown strategy {name!r}", field="train.distribute")
+
+
+def _loss_class():
+    import keras
+    import tensorflow as tf
+
+    class SmoothedCaptionLoss(keras.losses.Loss):
+        """Per-token cross-entropy with label smoothing; padding is masked by the sample weights."""
+
+        def __init__(self, smoothing: float = 0.0, name: str = "caption_loss"):
+            super().__init__(name=name, reduction="mean_with_sample_weight")
+            self.smoothing = smoothing
+
+        def call(self, y_true, y_pred):
+            log_probs = tf.nn.log_softmax(tf.cast(y_pred, tf.float32), axis=-1)
+            nll = -tf.gather(log_probs, tf.cast(y_true, tf.int32), batch_dims=2)
+            if not self.smoothing:
+                return nll
+            return (1.0 - self.smoothing) * nll - self.smoothing * tf.reduce_mean(log_probs, axis=-1)
+
+        def get_config(self):
+            return {"smoothing": self.smoothing, "name": self.name}
+
+    return SmoothedCaptionLoss
+
+
+def _schedule(peak: float, warmup: int, total: int):
+    import keras
+
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        """Linear warm-up to ``peak``, then cosine decay to 5% of it at the last step."""
+
+        def __call__(self, step):
+            import tensorflow as tf
+
+            step = tf.cast(step, tf.float32)
+            warm = peak * (step + 1.0) / max(warmup, 1)
+            progress = tf.clip_by_value((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+            cosine = peak * (0.05 + 0.95 * 0.5 * (1.0 + tf.cos(math.pi * progress)))
+            return tf.where(step < warmup, warm, cosine)
+
+        def get_config(self):
+            return {"peak": peak, "warmup": warmup, "total": total}
+
+    return WarmupCosine()
+
+
+def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
+    import keras
+
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=_schedule(cfg.train.learning_rate, cfg.train.warmup_steps, total),
+        weight_decay=cfg.train.weight_decay, global_clipnorm=cfg.train.clip_norm or None)
+    model.compile(optimizer=optimizer, loss=_loss_class()(cfg.train.label_smoothing))
+
+
+# -- the trained-model folder --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    num_regions: int
+    feature_dim: int
+    model: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.model)
+
+    @property
+    def full_config(self) -> Config:
+        return config_from_dict(self.config)
+
+
+def save_trained(model, tokenizer: Tokenizer, spec: ModelSpec, model_dir: Path) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{os.getpid()}.weights.h5"
+    model.save_weights(str(tmp))
+    os.replace(tmp, model_dir / WEIGHTS_FILE)
+    tokenizer.save(model_dir)
+    atomic_write_json(model_dir / MODEL_JSON, asdict(spec))
+
+
+def load_trained(model_dir: Path | str):
+    """Rebuild ``(model, tokenizer, spec)`` from a trained-model folder."""
+    from captioner.model.captioner import build_model
+
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_JSON
+    if not path.is_file():
+        raise ModelError(f"not a trained model folder (no {MODEL_JSON})", path=str(model_dir))
+    spec = ModelSpec(**json.loads(path.read_text()))
+    model = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, spec.model_config)
+    model.load_weights(str(model_dir / WEIGHTS_FILE))
+    return model, Tokenizer.load(model_dir), spec
+
+
+# -- callbacks -----------------------------------------------------------------------------------
+def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: CaptionPairs,
+               dev_refs: dict[str, list[str]], tokenizer: Tokenizer, progress: bool):
+    import keras
+    import tensorflow as tf
+
+    from captioner.evaluate import quick_bleu4
+    from captioner.model.decoding import decode
+
+    ckpt = model_dir / CHECKPOINT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    select, patience = cfg.train.select_metric, cfg.train.early_stopping_patience
+
+    class DevSelection(keras.callbacks.Callback):
+        """Greedy dev BLEU-4 each epoch; keep the best weights; stop when it stops improving."""
+
+        def __init__(self):
+            super().__init__()
+            self.decode_fn = None
+            history = tracker.history()
+            key = "dev_bleu4" if select == "bleu4" else "val_loss"
+            sign = 1.0 if select == "bleu4" else -1.0
+            self.key, self.sign = key, sign
+            values = [(row["epoch"], sign * row[key]) for row in history if key in row and row[key] != ""]
+            self.best = max((v for _, v in values), default=-math.inf)
+            self.best_epoch = max(((v, e) for e, v in values), default=(None, 0))[1]
+            self.epoch_start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_start = time.perf_counter()
+
+        def dev_bleu(self) -> float:
+            if self.decode_fn is None:
+                max_length = cfg.decode.max_length
+                self.decode_fn = tf.function(
+                    lambda f: decode(self.model, self.model.encode(f), beam_size=1, max_length=max_length))
+            hyps = {}
+            for start in range(0, len(dev.images), 256):
+                out = self.decode_fn(tf.constant(dev.features[start:start + 256]))
+                for name, ids in zip(dev.images[start:start + 256], out["tokens"][:, 0].numpy(), strict=True):
+                    hyps[name] = tokenizer.decode(ids)
+            return quick_bleu4(dev_refs, hyps)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            logs["dev_bleu4"] = self.dev_bleu()
+            lr = self.model.optimizer.learning_rate
+            row = {"train_loss": float(logs.get("loss", float("nan"))),
+                   "val_loss": float(logs.get("val_loss", float("nan"))),
+                   "dev_bleu4": logs["dev_bleu4"], "learning_rate": float(np.asarray(lr)),
+                   "epoch_seconds": round(time.perf_counter() - self.epoch_start, 2)}
+            tracker.log_metrics(epoch=epoch + 1, **row)
+            value = self.sign * row[self.key]
+            if value > self.best:
+                self.best, self.best_epoch = value, epoch + 1
+                tmp = ckpt / ".best-tmp.weights.h5"
+                self.model.save_weights(str(tmp))
+                os.replace(tmp, ckpt / "best.weights.h5")
+            if progress:
+                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+                      f"dev BLEU-4 {row['dev_bleu4']:.4f} (best epoch {self.best_epoch}) "
+                      f"{row['epoch_seconds']:.1f}s", flush=True)
+            if epoch + 1 - self.best_epoch >= patience:
+                print(f"early stop: no dev improvement for {patience} epoch(s)", flush=True)
+                self.model.stop_training = True
+
+    class KillAfterEpoch(keras.callbacks.Callback):
+        def __init__(self, epoch: int):
+            super().__init__()
+            self.kill_epoch = epoch
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == self.kill_epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [DevSelection(),
+                 keras.callbacks.BackupAndRestore(str(ckpt / "backup"), delete_checkpoint=False),
+                 keras.callbacks.TensorBoard(str(tracker.log_dir), update_freq="epoch",
+                                             write_graph=False, profile_batch=0)]
+    if os.environ.get(KILL_AFTER_EPOCH_ENV):
+        callbacks.append(KillAfterEpoch(int(os.environ[KILL_AFTER_EPOCH_ENV])))
+    return callbacks
+
+
+# -- the training step ----------------------------------------------------------------------------
+def train_model(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: FeatureStore,
+                model_dir: Path | str, tracker: ExperimentTracker | None = None, progress: bool = True):
+    """Fit a model on the train split, select on dev, save the selected weights to ``model_dir``."""
+    import keras
+
+    from captioner.model.captioner import build_model
+
+    model_dir = Path(model_dir)
+    tracker = tracker or ExperimentTracker(model_dir, seed=cfg.train.seed)
+    set_global_seed(cfg.train.seed)
+    max_length = cfg.tokenizer.max_length
+    train = caption_pairs(dataset, "train", tokenizer, store, max_length, flip=cfg.features.flip_train)
+    dev = caption_pairs(dataset, "dev", tokenizer, store, max_length)
+    regions, dim = train.features.shape[1:]
+    spec = ModelSpec(tokenizer.vocab_size, int(regions), int(dim), asdict(cfg.model), cfg.to_dict())
+    strategy = make_strategy(cfg.train.distribute)
+    if cfg.train.mixed_precision:
+        keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, cfg.model)
+            steps = math.ceil(len(train.image_index) / cfg.train.batch_size)
+            compile_model(model, cfg, steps)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    history = tracker.history()
+    train_ds = input_pipeline(train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                              first_epoch=len(history))
+    dev_ds = input_pipeline(dev, 256, shuffle=False, seed=0)
+    callbacks = _callbacks(cfg, model_dir, tracker, dev, dataset.split_captions("dev"), tokenizer, progress)
+    if cfg.train.epochs > 0:
+        model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks,
+                  verbose=2 if progress else 0)
+    best = model_dir / CHECKPOINT_DIR / "best.weights.h5"
+    if best.is_file():
+        model.load_weights(str(best))
+    rows = tracker.history()
+    key = "dev_bleu4" if cfg.train.select_metric == "bleu4" else "val_loss"
+    if rows:
+        chosen = (max if key == "dev_bleu4" else min)(rows, key=lambda r: r[key])
+        tracker.extra["selected_epoch"] = chosen["epoch"]
+        tracker.log_final_metrics(**{f"selected_{key}": chosen[key]})
+    save_trained(model, tokenizer, spec, model_dir)
+    return model, spec

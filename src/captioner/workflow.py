@@ -1,0 +1,153 @@
+"""The steps of a training run, each usable alone (the pipeline's components wrap them) or chained by
+``run_training`` (``captioner train``): data -> tokenize -> extract -> train -> evaluate -> export."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from captioner import constants as C
+from captioner.config import Config
+from captioner.data.readers import CaptionDataset, read_dataset
+from captioner.data.tokenizer import Tokenizer
+from captioner.errors import CaptionerError
+from captioner.features.extract import FeatureStore, cache_key, extract_features
+from captioner.io_utils import atomic_write_json
+from captioner.tracking import ExperimentTracker
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAPTIONER_CACHE", Path.home() / ".cache" / "captioner"))
+
+
+def load_data(cfg: Config) -> CaptionDataset:
+    """Read the configured data set (generating the synthetic one first when asked for)."""
+    if cfg.data.format == "synthetic":
+        from captioner.data.synthetic import generate
+
+        s = cfg.data.synthetic
+        root = Path(cfg.data.root) if cfg.data.root else cache_root() / (
+            f"synthetic-{s.num_train}-{s.num_dev}-{s.num_test}-{s.image_size}-{s.seed}")
+        generate(root, s)
+        dataset = read_dataset(root, "flickr8k", cfg.data.on_missing_image)
+        dataset.name = "synthetic"
+    else:
+        dataset = read_dataset(cfg.data.root, cfg.data.format, cfg.data.on_missing_image)
+    return dataset.limit(cfg.data.max_images_per_split)
+
+
+def features_folder(cfg: Config, dataset: CaptionDataset) -> Path:
+    base = Path(cfg.features.cache_dir) if cfg.features.cache_dir else cache_root() / "features"
+    where = hashlib.sha256(str(dataset.images_dir.resolve()).encode()).hexdigest()[:12]
+    return base / f"{dataset.name}-{where}" / cache_key(cfg.features)
+
+
+def tokenize_step(cfg: Config, dataset: CaptionDataset, out_dir: Path | str) -> Tokenizer:
+    train_captions = [c for image in dataset.splits["train"] for c in dataset.captions[image]]
+    tokenizer = Tokenizer.fit(train_captions, min_count=cfg.tokenizer.min_count, max_size=cfg.tokenizer.max_size)
+    tokenizer.save(out_dir)
+    return tokenizer
+
+
+def extract_step(cfg: Config, dataset: CaptionDataset, folder: Path | str | None = None,
+                 images: list[str] | None = None, progress: bool = True) -> FeatureStore:
+    folder = Path(folder) if folder else features_folder(cfg, dataset)
+    images = images if images is not None else dataset.all_images()
+    flip = [i for i in dataset.splits["train"] if i in set(images)] if cfg.features.flip_train else []
+    return extract_features(dataset, images, cfg.features, folder, flip=flip, progress=progress)
+
+
+def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: CaptionDataset, cfg: Config,
+                   split: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Greedy and beam decoding of a split, scored with the COCO caption metrics."""
+    import tensorflow as tf
+
+    from captioner.evaluate import coco_scores
+    from captioner.model.decoding import decode
+
+    split = split or cfg.eval.split
+    images = dataset.splits[split]
+    references = dataset.split_captions(split)
+    report: dict[str, Any] = {"split": split, "images": len(images)}
+    samples: dict[str, dict[str, str]] = {}
+    for name, beam in (("greedy", 1), ("beam", cfg.decode.beam_size)):
+        run = tf.function(lambda f, beam=beam: decode(model, model.encode(f), beam_size=beam,
+                                                      max_length=cfg.decode.max_length,
+                                                      length_penalty=cfg.decode.length_penalty))
+        start = time.perf_counter()
+        hyps: dict[str, str] = {}
+        for offset in range(0, len(images), 128):
+            batch = images[offset:offset + 128]
+            out = run(tf.constant(store.load(batch)))
+            for image, ids in zip(batch, out["tokens"][:, 0].numpy(), strict=True):
+                hyps[image] = tokenizer.decode(ids)
+        seconds = time.perf_counter() - start
+        scores = coco_scores(references, hyps, meteor=cfg.eval.meteor)
+        scores.update({"beam_size": beam, "decode_seconds": round(seconds, 3)})
+        report[name] = scores
+        for image in images[: cfg.eval.num_samples]:
+            samples.setdefault(image, {})[name] = hyps[image]
+        if progress:
+            print(f"{split} {name} (beam {beam}): BLEU-4 {scores['bleu4']:.4f} CIDEr {scores['cider']:.4f}",
+                  flush=True)
+    # Top level: the beam decoder's metrics, as reported in papers; greedy under "greedy".
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "nltk_bleu4", "tokenizer"):
+        report[key] = report["beam"][key]
+    report["samples"] = [{"image": image, "generated_beam": s["beam"], "generated_greedy": s["greedy"],
+                          "references": references[image]} for image, s in samples.items()]
+    return report
+
+
+def _check_fresh(output: Path, resume: bool) -> None:
+    if (output / C.RUN_SUMMARY).is_file():
+        raise CaptionerError(f"{output} already holds a complete run; choose a new --output "
+                             "(or delete it) to train again", path=str(output / C.RUN_SUMMARY))
+    if not resume and (output / C.METRICS_CSV).is_file():
+        raise CaptionerError("an interrupted run is here; rerun without --no-resume to continue it",
+                             path=str(output))
+
+
+def run_training(cfg: Config, output: Path | str, *, resume: bool = True, progress: bool = True) -> dict:
+    """``captioner train``: the whole run into ``output`` (see README for the layout)."""
+    from captioner.export import export_saved_model
+    from captioner.features.backbones import build_backbone
+    from captioner.train import train_model
+
+    output = Path(output)
+    _check_fresh(output, resume)
+    tracker = ExperimentTracker(output, seed=cfg.train.seed)
+    tracker.log_config(cfg)
+    try:
+        with tracker.time("data"):
+            dataset = load_data(cfg)
+        tracker.extra["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(),
+                                    "images": {s: len(v) for s, v in dataset.splits.items()},
+                                    "missing_images": dataset.missing_images}
+        with tracker.time("tokenize"):
+            tokenizer = tokenize_step(cfg, dataset, output)
+        with tracker.time("extract"):
+            store = extract_step(cfg, dataset, progress=progress)
+        with tracker.time("train"):
+            model, _ = train_model(cfg, dataset, tokenizer, store, output, tracker, progress)
+        with tracker.time("evaluate"):
+            report = evaluate_model(model, tokenizer, store, dataset, cfg, progress=progress)
+        atomic_write_json(output / C.EVALUATION_JSON, report)
+        metrics = {k: report[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")}
+        tracker.log_bleu_scores(**{k: metrics[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")})
+        tracker.log_final_metrics(**metrics, greedy_bleu4=report["greedy"]["bleu4"])
+        if cfg.export.enabled:
+            with tracker.time("export"):
+                backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
+                export_saved_model(backbone, model, output, output / C.SAVED_MODEL_DIR, cfg, metrics)
+        tracker.finalize()
+    except BaseException as exc:
+        tracker.fail(exc)
+        raise
+    return tracker.summary()
+
