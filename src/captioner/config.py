@@ -294,10 +294,10 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}", field="config")
         data = _read_yaml(path, str(path))
+        data.setdefault("name", path.stem)
         base = data.pop("extends", None)
         if base:
             data = _merge(_preset_dict(str(base)), data)
-        data.setdefault("name", path.stem)
     else:
         data = _preset_dict(name_or_path)
     data = _merge(data, parse_overrides(overrides))

@@ -39,6 +39,32 @@ def _decode_image(data, size: int):
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+def give_variables_unique_names(*models) -> None:
+    """Re-create the TF variables under their unique Keras paths.
+
+    Keras 3 names a ``tf.Variable`` by its short name ("embeddings", "kernel"), so two layers can
+    share one name. The TF2 loader does not mind, but the session-based loader that TensorFlow
+    Serving uses resolves variables by name and fails ("Could not find variable ..._1").
+    """
+    import tensorflow as tf
+
+    seen: set[str] = set()
+    for model in models:
+        for variable in model.weights:
+            name = variable.path
+            while name in seen:
+                name += "_"
+            seen.add(name)
+            value = variable.value
+            if value.name.split(":")[0] != name:
+                variable._value = tf.Variable(value, name=name, trainable=value.trainable)
+
+
+class _Holder:
+    def __init__(self, **items):
+        self.__dict__.update(items)
+
+
 def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[str, Any]):
     import tensorflow as tf
 
@@ -53,19 +79,21 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
     class CaptionerModule(tf.Module):
         def __init__(self):
             super().__init__(name="captioner")
-            self.backbone = backbone
-            self.model = model
+            # The Keras objects are kept out of the tracked graph (a plain holder); their TF
+            # variables are tracked directly, as keras.export.ExportArchive does.
+            self._keras = _Holder(backbone=backbone, model=model)
+            self.model_variables = [v.value for v in backbone.weights + model.weights]
             self.vocab = tf.saved_model.Asset(str(vocab_txt))
             self.table = id_to_token_table(self.vocab.asset_path)
 
         def _memory(self, images):
-            return self.model.encode(self.backbone(tf.cast(images, tf.float32), training=False))
+            return self._keras.model.encode(self._keras.backbone(tf.cast(images, tf.float32), training=False))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=C.IN_IMAGE_BYTES)])
         def serve(self, image_bytes):
             images = tf.map_fn(lambda b: _decode_image(b, size), image_bytes,
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
-            out = decode(self.model, self._memory(images), beam_size=beam, max_length=max_length,
+            out = decode(self._keras.model, self._memory(images), beam_size=beam, max_length=max_length,
                          length_penalty=alpha)
             tokens = out["tokens"]
             shape = tf.shape(tokens)
@@ -82,7 +110,7 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
             tf.TensorSpec([None], tf.int32, name=C.IN_TOKENS),
             tf.TensorSpec([None, 2 * layers, None, d], tf.float32, name=C.IN_STATE)])
         def decode_step(self, features, tokens, state):
-            log_probs, attention, state = self.model.step(features, tokens, state)
+            log_probs, attention, state = self._keras.model.step(features, tokens, state)
             return {C.OUT_LOG_PROBS: log_probs, C.OUT_ATTENTION: tf.cast(attention, tf.float32),
                     C.OUT_STATE: tf.cast(state, tf.float32)}
 
@@ -143,6 +171,7 @@ def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | s
             # The asset keeps its base name inside the SavedModel: stage it as plain vocab.txt.
             vocab_txt = Path(scratch) / C.VOCAB_TXT
             shutil.copyfile(model_dir / C.VOCAB_TXT, vocab_txt)
+            give_variables_unique_names(backbone, model)
             module = build_module(backbone, model, vocab_txt, cfg, metadata)
             signatures = {C.SIG_SERVING: module.serve, C.SIG_ENCODE: module.encode,
                           C.SIG_DECODE_STEP: module.decode_step, C.SIG_METADATA: module.metadata}

@@ -65,7 +65,8 @@ class FeatureStore:
         """Features of ``keys`` as one float16 array ``[len(keys), N, C]``."""
         absent = self.missing(keys)
         if absent:
-            raise DataError(f"{len(absent)} image(s) not in the feature cache, e.g. {absent[:3]}", path=str(self.folder))
+            raise DataError(f"{len(absent)} image(s) not in the feature cache, e.g. {absent[:3]}",
+                            path=str(self.folder))
         first = self._shard(self.index[keys[0]][0])
         out = np.empty((len(keys), *first.shape[1:]), dtype=np.float16)
         for i, key in enumerate(keys):

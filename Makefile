@@ -1,0 +1,48 @@
+# The README's commands. `make demo` and `make test` install what they need first.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+KERAS_HOME ?= $(HOME)/.keras
+DEMO_DIR ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: setup weights demo test test-fast lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipeline,serve,dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) weights  ## create .venv and install the project with its extras
+
+# Offline ImageNet weights: copy them into the Keras cache when ../shared has them.
+weights:
+	@if [ -d "$(SHARED)/weights/keras/models" ]; then \
+	  mkdir -p "$(KERAS_HOME)/models" && cp -u $(SHARED)/weights/keras/models/*.h5 "$(KERAS_HOME)/models/" && \
+	  echo "ImageNet weights copied to $(KERAS_HOME)/models"; \
+	else echo "no $(SHARED)/weights: real-data backbones will need their weights in $(KERAS_HOME)/models"; fi
+
+demo: setup  ## train the offline default (synthetic preset) end to end, then caption two test images
+	rm -rf $(DEMO_DIR)
+	$(BIN)/captioner train --config synthetic --output $(DEMO_DIR)
+	$(BIN)/captioner caption --model $(DEMO_DIR)/saved_model --beam-size 3 \
+	  $$($(BIN)/python -c "from captioner.workflow import load_data; from captioner.config import load_config; \
+	  d = load_data(load_config('synthetic')); print(' '.join(str(d.image_path(i)) for i in d.splits['test'][:2]))")
+
+test: setup  ## the whole suite (CI runs this)
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

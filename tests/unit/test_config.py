@@ -1,0 +1,59 @@
+import pytest
+
+from captioner.config import load_config, parse_overrides, preset_names
+from captioner.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_presets_ship_and_load():
+    assert {"smoke", "synthetic", "flickr8k"} <= set(preset_names())
+    assert load_config("smoke").features.backbone == "patches"
+    cfg = load_config("flickr8k", ["data.root=/data/f8k"])
+    assert cfg.features.backbone == "mobilenet_v1_075" and cfg.data.root == "/data/f8k"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("smoke", ["train.epochs=7", "train.learning_rate=2e-3", "train.mixed_precision=true",
+                                "decode.beam_size=5"])
+    assert cfg.train.epochs == 7 and cfg.train.learning_rate == pytest.approx(2e-3)
+    assert cfg.train.mixed_precision is True and cfg.decode.beam_size == 5
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("override, field, words", [
+    (["train.distribute=tpu"], "train.distribute", "allowed values: default, mirrored, multi_worker"),
+    (["train.epochs=three"], "train.epochs", "not a valid int"),
+    (["train.nope=1"], "train.nope", "unknown field"),
+    (["model.d_model=100", "model.num_heads=3"], "model.d_model", "divisible"),
+    (["features.backbone=resnet"], "features.backbone", "mobilenet_v1_075"),
+])
+def test_validation_names_the_field(override, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", override)
+    assert err.value.field == field
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*smoke"):
+        load_config("nope")
+
+
+def test_real_data_needs_root():
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_config("flickr8k")
+
+
+def test_yaml_file_extends_a_preset(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: smoke\ntrain:\n  epochs: 9\n")
+    cfg = load_config(str(path))
+    assert cfg.name == "mine" and cfg.train.epochs == 9 and cfg.features.backbone == "patches"
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line \d+"):
+        load_config(str(path))
