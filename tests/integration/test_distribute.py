@@ -1,0 +1,39 @@
+"""tf.distribute from config: MirroredStrategy over two logical CPU devices trains the model."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from captioner.config import load_config
+    from captioner.train import make_strategy, train_model
+    from captioner.workflow import extract_step, load_data, tokenize_step
+    cfg = load_config("smoke", ["train.distribute=mirrored", "train.epochs=2"])
+    data = load_data(cfg)
+    tok = tokenize_step(cfg, data, sys.argv[1])
+    store = extract_step(cfg, data, progress=False)
+    replicas = make_strategy("mirrored").num_replicas_in_sync
+    model, spec = train_model(cfg, data, tok, store, sys.argv[1], progress=False)
+    print(json.dumps({"replicas": replicas}))
+""")
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"replicas": 2}
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert losses[1] < losses[0]
+    assert (tmp_path / "model.weights.h5").is_file()
