@@ -45,10 +45,10 @@ def _session_run(saved_model, signature, feeds):
 
 
 def test_session_loader_serves_the_library_captions(smoke_run):
-    from captioner.train import load_trained
     from captioner.features.backbones import build_backbone
     from captioner.model.decoding import decode
     from captioner.predictor import results_from_decode
+    from captioner.train import load_trained
 
     out, cfg = smoke_run
     data = load_data(cfg)
