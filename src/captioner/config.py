@@ -90,6 +90,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
+    # Exponential moving average of the weights (0 = off, e.g. 0.999); dev selection and the
+    # saved model use the averaged weights.
+    ema_momentum: float = 0.0
     early_stopping_patience: int = 3
     select_metric: SelectMetric = "bleu4"
     distribute: Strategy = "default"
@@ -102,6 +105,11 @@ class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20
     length_penalty: float = 0.6
+    # Pick length_penalty on the dev split (BLEU-4) from LENGTH_PENALTY_GRID before testing/export.
+    tune_length_penalty: bool = False
+
+
+LENGTH_PENALTY_GRID = (0.0, 0.3, 0.6, 0.9, 1.2, 1.5)
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class Config:
             (0 <= self.model.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (0 <= self.model.feature_dropout < 1, "model.feature_dropout", "must be in [0, 1)"),
             (0 <= self.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
+            (0 <= self.train.ema_momentum < 1, "train.ema_momentum", "must be in [0, 1)"),
             (self.features.image_size >= 32, "features.image_size", "must be >= 32"),
             (self.data.format == "synthetic" or self.data.root != "", "data.root",
              "is required unless data.format=synthetic (e.g. --set data.root=../shared/data/flickr8k)"),

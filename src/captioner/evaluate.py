@@ -79,11 +79,15 @@ def _close_meteor(scorer) -> None:
 
 
 def nltk_corpus_bleu(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]) -> float:
+    import warnings
+
     from nltk.translate.bleu_score import corpus_bleu
 
     keys = list(references)
-    return float(corpus_bleu([[normalize(r) for r in references[k]] for k in keys],
-                             [normalize(hypotheses[k]) for k in keys]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "0 counts of n-gram overlaps" on tiny data
+        return float(corpus_bleu([[normalize(r) for r in references[k]] for k in keys],
+                                 [normalize(hypotheses[k]) for k in keys]))
 
 
 def quick_bleu4(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]) -> float:

@@ -6,6 +6,7 @@ config needed to rebuild it) and the vocabulary; ``load_trained`` turns it back 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -169,7 +170,8 @@ def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
     total = max(1, cfg.train.epochs * steps_per_epoch)
     optimizer = keras.optimizers.AdamW(
         learning_rate=_schedule(cfg.train.learning_rate, cfg.train.warmup_steps, total),
-        weight_decay=cfg.train.weight_decay, global_clipnorm=cfg.train.clip_norm or None)
+        weight_decay=cfg.train.weight_decay, global_clipnorm=cfg.train.clip_norm or None,
+        use_ema=cfg.train.ema_momentum > 0, ema_momentum=cfg.train.ema_momentum or 0.99)
     model.compile(optimizer=optimizer, loss=_loss_class()(cfg.train.label_smoothing))
 
 
@@ -212,6 +214,23 @@ def load_trained(model_dir: Path | str):
     model = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, spec.model_config)
     model.load_weights(str(model_dir / WEIGHTS_FILE))
     return model, Tokenizer.load(model_dir), spec
+
+
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Temporarily swap in the optimizer's moving averages of the weights (when EMA is on)."""
+    optimizer = model.optimizer
+    if not getattr(optimizer, "use_ema", False) or not optimizer.iterations.numpy():
+        yield
+        return
+    variables = model.trainable_variables
+    saved = [v.numpy() for v in variables]
+    optimizer._overwrite_model_variables_with_average_value(variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, saved, strict=True):
+            variable.assign(value)
 
 
 # -- callbacks -----------------------------------------------------------------------------------
@@ -259,6 +278,13 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
+            with averaged_weights(self.model):
+                self._select(epoch, logs)
+            if epoch + 1 - self.best_epoch >= patience:
+                print(f"early stop: no dev improvement for {patience} epoch(s)", flush=True)
+                self.model.stop_training = True
+
+        def _select(self, epoch, logs):
             logs["dev_bleu4"] = self.dev_bleu()
             lr = self.model.optimizer.learning_rate
             row = {"train_loss": float(logs.get("loss", float("nan"))),
@@ -276,9 +302,6 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
                 print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
                       f"dev BLEU-4 {row['dev_bleu4']:.4f} (best epoch {self.best_epoch}) "
                       f"{row['epoch_seconds']:.1f}s", flush=True)
-            if epoch + 1 - self.best_epoch >= patience:
-                print(f"early stop: no dev improvement for {patience} epoch(s)", flush=True)
-                self.model.stop_training = True
 
     class KillAfterEpoch(keras.callbacks.Callback):
         def __init__(self, epoch: int):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner import constants as C
-from captioner.config import Config
+from captioner.config import Config, with_overrides
 from captioner.data.readers import CaptionDataset, read_dataset
 from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError
@@ -66,10 +66,7 @@ def extract_step(cfg: Config, dataset: CaptionDataset, folder: Path | str | None
 def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: CaptionDataset, cfg: Config,
                    split: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Greedy and beam decoding of a split, scored with the COCO caption metrics."""
-    import tensorflow as tf
-
     from captioner.evaluate import coco_scores
-    from captioner.model.decoding import decode
 
     split = split or cfg.eval.split
     images = dataset.splits[split]
@@ -77,19 +74,14 @@ def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: Ca
     report: dict[str, Any] = {"split": split, "images": len(images)}
     samples: dict[str, dict[str, str]] = {}
     for name, beam in (("greedy", 1), ("beam", cfg.decode.beam_size)):
-        run = tf.function(lambda f, beam=beam: decode(model, model.encode(f), beam_size=beam,
-                                                      max_length=cfg.decode.max_length,
-                                                      length_penalty=cfg.decode.length_penalty))
         start = time.perf_counter()
-        hyps: dict[str, str] = {}
-        for offset in range(0, len(images), 128):
-            batch = images[offset:offset + 128]
-            out = run(tf.constant(store.load(batch)))
-            for image, ids in zip(batch, out["tokens"][:, 0].numpy(), strict=True):
-                hyps[image] = tokenizer.decode(ids)
+        hyps = decode_split(model, tokenizer, store, images, beam_size=beam, max_length=cfg.decode.max_length,
+                            length_penalty=cfg.decode.length_penalty)
         seconds = time.perf_counter() - start
         scores = coco_scores(references, hyps, meteor=cfg.eval.meteor)
         scores.update({"beam_size": beam, "decode_seconds": round(seconds, 3)})
+        if beam > 1:
+            scores["length_penalty"] = cfg.decode.length_penalty
         report[name] = scores
         for image in images[: cfg.eval.num_samples]:
             samples.setdefault(image, {})[name] = hyps[image]
@@ -102,6 +94,43 @@ def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: Ca
     report["samples"] = [{"image": image, "generated_beam": s["beam"], "generated_greedy": s["greedy"],
                           "references": references[image]} for image, s in samples.items()]
     return report
+
+
+def decode_split(model, tokenizer: Tokenizer, store: FeatureStore, images: list[str], *, beam_size: int,
+                 max_length: int, length_penalty: float, batch_size: int = 128) -> dict[str, str]:
+    """Captions for ``images`` from cached features: ``{image: caption}``."""
+    import tensorflow as tf
+
+    from captioner.model.decoding import decode
+
+    run = tf.function(lambda f: decode(model, model.encode(f), beam_size=beam_size, max_length=max_length,
+                                       length_penalty=length_penalty))
+    hyps: dict[str, str] = {}
+    for offset in range(0, len(images), batch_size):
+        batch = images[offset:offset + batch_size]
+        out = run(tf.constant(store.load(batch)))
+        for image, ids in zip(batch, out["tokens"][:, 0].numpy(), strict=True):
+            hyps[image] = tokenizer.decode(ids)
+    return hyps
+
+
+def tune_length_penalty(model, tokenizer: Tokenizer, store: FeatureStore, dataset: CaptionDataset, cfg: Config,
+                        progress: bool = True) -> tuple[float, dict[str, float]]:
+    """Dev BLEU-4 of beam search for each length penalty of the grid; returns the best and all scores."""
+    from captioner.config import LENGTH_PENALTY_GRID
+    from captioner.evaluate import quick_bleu4
+
+    references = dataset.split_captions("dev")
+    scores = {}
+    for alpha in LENGTH_PENALTY_GRID:
+        hyps = decode_split(model, tokenizer, store, dataset.splits["dev"], beam_size=cfg.decode.beam_size,
+                            max_length=cfg.decode.max_length, length_penalty=alpha)
+        scores[str(alpha)] = quick_bleu4(references, hyps)
+        if progress:
+            print(f"dev beam {cfg.decode.beam_size} length_penalty {alpha}: BLEU-4 {scores[str(alpha)]:.4f}",
+                  flush=True)
+    best = max(LENGTH_PENALTY_GRID, key=lambda a: scores[str(a)])
+    return best, scores
 
 
 def _check_fresh(output: Path, resume: bool) -> None:
@@ -135,6 +164,12 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, progre
             store = extract_step(cfg, dataset, progress=progress)
         with tracker.time("train"):
             model, _ = train_model(cfg, dataset, tokenizer, store, output, tracker, progress)
+        if cfg.decode.tune_length_penalty:
+            with tracker.time("tune_decoding"):
+                alpha, grid = tune_length_penalty(model, tokenizer, store, dataset, cfg, progress)
+            cfg = with_overrides(cfg, {"decode": {"length_penalty": alpha}})
+            tracker.extra["decode_tuning"] = {"split": "dev", "metric": "bleu4", "length_penalty": grid,
+                                              "chosen": alpha}
         with tracker.time("evaluate"):
             report = evaluate_model(model, tokenizer, store, dataset, cfg, progress=progress)
         atomic_write_json(output / C.EVALUATION_JSON, report)
