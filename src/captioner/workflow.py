@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -133,6 +134,30 @@ def tune_length_penalty(model, tokenizer: Tokenizer, store: FeatureStore, datase
     return best, scores
 
 
+def fit_and_tune(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: FeatureStore,
+                 model_dir: Path, tracker: ExperimentTracker | None = None, progress: bool = True):
+    """Train (selecting the epoch on dev), then, if asked, pick the length penalty on dev.
+
+    Returns ``(model, cfg)`` where ``cfg`` carries the chosen decoding settings; they are also saved
+    in the model folder's ``model.json`` so that evaluation and export use them.
+    """
+    from captioner.train import MODEL_JSON, train_model
+
+    tracker = tracker or ExperimentTracker(model_dir, seed=cfg.train.seed)
+    with tracker.time("train"):
+        model, _ = train_model(cfg, dataset, tokenizer, store, model_dir, tracker, progress)
+    if cfg.decode.tune_length_penalty:
+        with tracker.time("tune_decoding"):
+            alpha, grid = tune_length_penalty(model, tokenizer, store, dataset, cfg, progress)
+        cfg = with_overrides(cfg, {"decode": {"length_penalty": alpha}})
+        tracker.extra["decode_tuning"] = {"split": "dev", "metric": "bleu4", "length_penalty": grid,
+                                          "chosen": alpha}
+        spec = json.loads((model_dir / MODEL_JSON).read_text())
+        spec["config"] = cfg.to_dict()
+        atomic_write_json(model_dir / MODEL_JSON, spec)
+    return model, cfg
+
+
 def _check_fresh(output: Path, resume: bool) -> None:
     if (output / C.RUN_SUMMARY).is_file():
         raise CaptionerError(f"{output} already holds a complete run; choose a new --output "
@@ -146,8 +171,6 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, progre
     """``captioner train``: the whole run into ``output`` (see README for the layout)."""
     from captioner.export import export_saved_model
     from captioner.features.backbones import build_backbone
-    from captioner.train import train_model
-
     output = Path(output)
     _check_fresh(output, resume)
     tracker = ExperimentTracker(output, seed=cfg.train.seed)
@@ -162,14 +185,7 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, progre
             tokenizer = tokenize_step(cfg, dataset, output)
         with tracker.time("extract"):
             store = extract_step(cfg, dataset, progress=progress)
-        with tracker.time("train"):
-            model, _ = train_model(cfg, dataset, tokenizer, store, output, tracker, progress)
-        if cfg.decode.tune_length_penalty:
-            with tracker.time("tune_decoding"):
-                alpha, grid = tune_length_penalty(model, tokenizer, store, dataset, cfg, progress)
-            cfg = with_overrides(cfg, {"decode": {"length_penalty": alpha}})
-            tracker.extra["decode_tuning"] = {"split": "dev", "metric": "bleu4", "length_penalty": grid,
-                                              "chosen": alpha}
+        model, cfg = fit_and_tune(cfg, dataset, tokenizer, store, output, tracker, progress)
         with tracker.time("evaluate"):
             report = evaluate_model(model, tokenizer, store, dataset, cfg, progress=progress)
         atomic_write_json(output / C.EVALUATION_JSON, report)
@@ -186,3 +202,48 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, progre
         raise
     return tracker.summary()
 
+
+
+def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *, model_repo: str, model_name: str,
+                      bleu4_floor: float, tolerance: float, report_html: Path | str | None = None,
+                      progress: bool = True) -> tuple[dict[str, Any], Any]:
+    """Evaluate a trained model on the test split, write the HTML report, and decide the gate
+    against the champion in ``model_repo``. Returns ``(evaluation report, GateDecision)``."""
+    from captioner.registry import ModelRepository, gate
+    from captioner.reports import attention_example, evaluation_html
+    from captioner.train import load_trained
+
+    model_dir = Path(model_dir)
+    model, tokenizer, spec = load_trained(model_dir)
+    cfg = with_overrides(cfg, {"decode": spec.full_config.to_dict()["decode"]})
+    dataset = load_data(cfg)
+    report = evaluate_model(model, tokenizer, store, dataset, cfg, progress=progress)
+    champion_version, champion = ModelRepository(model_repo).champion(model_name)
+    champion_bleu4 = (champion or {}).get("metrics", {}).get("bleu4")
+    decision = gate(float(report["bleu4"]), champion_bleu4, floor=bleu4_floor, tolerance=tolerance,
+                    champion_version=champion_version)
+    report["gate"] = decision.to_dict()
+    if report_html:
+        test = dataset.splits[report["split"]]
+        paths = {image: dataset.image_path(image) for image in test[: cfg.eval.num_samples]}
+        example = attention_example(model, tokenizer, store, test[0], dataset.image_path(test[0]), cfg)
+        history = ExperimentTracker(model_dir).history()
+        Path(report_html).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_html).write_text(evaluation_html(report, history, paths, cfg.features.image_size, example),
+                                     encoding="utf-8")
+    return report, decision
+
+
+def register_model(model_dir: Path | str, model_repo: str, model_name: str, evaluation: dict[str, Any],
+                   **metadata: Any) -> int:
+    """Publish ``model_dir/saved_model`` as the next version, with metrics, config and lineage."""
+    from captioner.registry import ModelRepository
+    from captioner.tracking import git_commit
+    from captioner.train import ModelSpec
+
+    model_dir = Path(model_dir)
+    spec = ModelSpec(**json.loads((model_dir / "model.json").read_text()))
+    metrics = {k: evaluation.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")}
+    record = {"metrics": metrics, "greedy_metrics": evaluation.get("greedy"), "config": spec.config,
+              "git_commit": git_commit(), "framework": "tensorflow", **metadata}
+    return ModelRepository(model_repo).publish(model_name, model_dir / C.SAVED_MODEL_DIR, record)

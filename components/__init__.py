@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: one thin component per step over the captioner library."""

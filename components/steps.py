@@ -1,0 +1,127 @@
+"""The five pipeline steps as KFP lightweight components, each a thin shell over the library.
+
+The functions below are plain Python; ``build_components(image)`` turns them into KFP components
+that run in ``image`` (the component image of ``images/components.Dockerfile``, pinned when the
+pipeline is compiled). KFP ships each function's source to the container, so every import is
+inside the function. Nothing is pip-installed at run time: the image (or, under ``kfp.local``, the
+current environment) already has the library.
+"""
+
+# No `from __future__ import annotations`: KFP reads the parameter annotations as types.
+from types import SimpleNamespace
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def tokenize(config: str, overrides: list, vocab: Output[Dataset]):
+    """Read the data set and fit the vocabulary on the train captions."""
+    from captioner.config import load_config
+    from captioner.workflow import load_data, tokenize_step
+
+    cfg = load_config(config, overrides)
+    dataset = load_data(cfg)
+    tokenizer = tokenize_step(cfg, dataset, vocab.path)
+    vocab.metadata.update({"vocab_size": tokenizer.vocab_size, "dataset": dataset.name,
+                           "fingerprint": dataset.fingerprint(),
+                           "images": {s: len(v) for s, v in dataset.splits.items()}})
+
+
+def extract_features(config: str, overrides: list, features: Output[Dataset]):
+    """Run the pretrained backbone over every image into a sharded feature store."""
+    from captioner.config import load_config
+    from captioner.workflow import extract_step, load_data
+
+    cfg = load_config(config, overrides)
+    store = extract_step(cfg, load_data(cfg), features.path, progress=False)
+    features.metadata.update({"backbone": cfg.features.backbone, "weights": cfg.features.weights,
+                              "image_size": cfg.features.image_size, "images": len(store.index)})
+
+
+def train(config: str, overrides: list, vocab: Input[Dataset], features: Input[Dataset], model: Output[Model],
+          metrics: Output[Metrics]):
+    """Train with dev-split model selection, then export the SavedModel into the model artifact."""
+    from pathlib import Path
+
+    from captioner.config import load_config
+    from captioner.data.tokenizer import Tokenizer
+    from captioner.export import export_saved_model
+    from captioner.features.backbones import build_backbone
+    from captioner.features.extract import FeatureStore
+    from captioner.tracking import ExperimentTracker
+    from captioner.workflow import fit_and_tune, load_data
+
+    cfg = load_config(config, overrides)
+    out = Path(model.path)
+    tracker = ExperimentTracker(out, seed=cfg.train.seed)
+    tracker.log_config(cfg)
+    trained, cfg = fit_and_tune(cfg, load_data(cfg), Tokenizer.load(vocab.path), FeatureStore(features.path), out,
+                                tracker, progress=False)
+    backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
+    export_saved_model(backbone, trained, out, out / "saved_model", cfg)
+    rows = tracker.history()
+    for key in ("train_loss", "val_loss", "dev_bleu4"):
+        if rows:
+            metrics.log_metric(f"final_{key}", float(rows[-1][key]))
+    metrics.log_metric("epochs", len(rows))
+    model.metadata.update({"framework": "tensorflow", "format": "saved_model", "backbone": cfg.features.backbone,
+                           "selected_epoch": tracker.extra.get("selected_epoch"),
+                           "fingerprint": vocab.metadata.get("fingerprint")})
+
+
+def evaluate(config: str, overrides: list, model: Input[Model], features: Input[Dataset], model_repo: str,
+             model_name: str, bleu4_floor: float, tolerance: float, metrics: Output[Metrics], report: Output[HTML],
+             evaluation: Output[Artifact]) -> bool:
+    """COCO metrics on the test split, the HTML report, and the gate against the champion.
+
+    Returns whether the candidate passed the gate (its single output, so that ``dsl.If`` on it also
+    works under ``kfp.local``, whose condition evaluator resolves only ``<task>-Output`` channels);
+    BLEU-4 and the reason are in the ``evaluation`` artifact's metadata.
+    """
+    import json
+
+    from captioner.config import load_config
+    from captioner.features.extract import FeatureStore
+    from captioner.workflow import evaluate_and_gate
+
+    cfg = load_config(config, overrides)
+    result, decision = evaluate_and_gate(cfg, model.path, FeatureStore(features.path), model_repo=model_repo,
+                                         model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance,
+                                         report_html=report.path, progress=False)
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"):
+        if result.get(key) is not None:
+            metrics.log_metric(key, float(result[key]))
+            metrics.log_metric(f"greedy_{key}", float(result["greedy"][key]))
+    with open(evaluation.path, "w") as handle:
+        json.dump(result, handle, indent=2, default=str)
+    evaluation.metadata.update({"gate_passed": decision.passed, "reason": decision.reason,
+                                "bleu4": float(result["bleu4"]), "champion_bleu4": decision.champion_bleu4,
+                                "champion_version": decision.champion_version})
+    return decision.passed
+
+
+def register(model: Input[Model], evaluation: Input[Artifact], model_repo: str, model_name: str, run_id: str,
+             registered: Output[Model]) -> int:
+    """Publish the SavedModel as the next version of ``model_name`` in the repository."""
+    import json
+
+    from captioner.workflow import register_model
+
+    with open(evaluation.path) as handle:
+        result = json.load(handle)
+    version = register_model(model.path, model_repo, model_name, result, pipeline_run_id=run_id,
+                             dataset_fingerprint=model.metadata.get("fingerprint"),
+                             gate=result.get("gate"))
+    registered.uri = f"{model_repo.rstrip('/')}/{model_name}/{version}"
+    registered.metadata.update({"version": version, "model_name": model_name, "framework": "tensorflow",
+                                "bleu4": result.get("bleu4")})
+    return version
+
+
+STEPS = {"tokenize": tokenize, "extract_features": extract_features, "train": train, "evaluate": evaluate,
+         "register": register}
+
+
+def build_components(image: str) -> SimpleNamespace:
+    """KFP components of the steps, running in ``image`` with nothing installed at run time."""
+    return SimpleNamespace(**{name: dsl.component(func, base_image=image, install_kfp_package=False)
+                              for name, func in STEPS.items()})

@@ -1,0 +1,1 @@
+"""The captioner KFP pipeline: the DAG factory, compile, local run, submit and schedule."""
