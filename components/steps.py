@@ -9,6 +9,7 @@ current environment) already has the library.
 
 # No `from __future__ import annotations`: KFP reads the parameter annotations as types.
 from types import SimpleNamespace
+
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 

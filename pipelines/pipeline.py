@@ -1,8 +1,7 @@
 """The one pipeline factory: tokenize -> extract features -> train -> evaluate -> (gate) -> register."""
 
-from kfp import dsl
-
 from captioner.components.steps import build_components
+from kfp import dsl
 
 PIPELINE_NAME = "captioner-training"
 # The component image is pinned when the pipeline is compiled (`captioner pipeline compile --image ...`);
