@@ -41,6 +41,7 @@ def extract_features(config: str, overrides: list, features: Output[Dataset]):
 def train(config: str, overrides: list, vocab: Input[Dataset], features: Input[Dataset], model: Output[Model],
           metrics: Output[Metrics]):
     """Train with dev-split model selection, then export the SavedModel into the model artifact."""
+    import json
     from pathlib import Path
 
     from captioner.config import load_config
@@ -64,6 +65,9 @@ def train(config: str, overrides: list, vocab: Input[Dataset], features: Input[D
         if rows:
             metrics.log_metric(f"final_{key}", float(rows[-1][key]))
     metrics.log_metric("epochs", len(rows))
+    # The metrics file must exist: kfp.local treats a cached output whose file is gone as a miss.
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2))
     model.metadata.update({"framework": "tensorflow", "format": "saved_model", "backbone": cfg.features.backbone,
                            "selected_epoch": tracker.extra.get("selected_epoch"),
                            "fingerprint": vocab.metadata.get("fingerprint")})
@@ -92,6 +96,8 @@ def evaluate(config: str, overrides: list, model: Input[Model], features: Input[
         if result.get(key) is not None:
             metrics.log_metric(key, float(result[key]))
             metrics.log_metric(f"greedy_{key}", float(result["greedy"][key]))
+    with open(metrics.path, "w") as handle:
+        json.dump(metrics.metadata, handle, indent=2)
     with open(evaluation.path, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
     evaluation.metadata.update({"gate_passed": decision.passed, "reason": decision.reason,
@@ -109,12 +115,12 @@ def register(model: Input[Model], evaluation: Input[Artifact], model_repo: str, 
 
     with open(evaluation.path) as handle:
         result = json.load(handle)
-    version = register_model(model.path, model_repo, model_name, result, pipeline_run_id=run_id,
-                             dataset_fingerprint=model.metadata.get("fingerprint"),
-                             gate=result.get("gate"))
+    version, created = register_model(model.path, model_repo, model_name, result, pipeline_run_id=run_id,
+                                      dataset_fingerprint=model.metadata.get("fingerprint"),
+                                      source_model=model.uri, gate=result.get("gate"))
     registered.uri = f"{model_repo.rstrip('/')}/{model_name}/{version}"
-    registered.metadata.update({"version": version, "model_name": model_name, "framework": "tensorflow",
-                                "bleu4": result.get("bleu4")})
+    registered.metadata.update({"version": version, "created": created, "model_name": model_name,
+                                "framework": "tensorflow", "bleu4": result.get("bleu4")})
     return version
 
 

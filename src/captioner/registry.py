@@ -59,6 +59,19 @@ def gate(candidate_bleu4: float, champion_bleu4: float | None, *, floor: float, 
                         champion_version, champion_bleu4)
 
 
+def content_digest(folder: Path) -> str:
+    """SHA-256 over the relative paths and bytes of every file: equal digests, equal models."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 class ModelRepository:
     def __init__(self, root: str | Path):
         self.root = str(root).rstrip("/")
@@ -97,12 +110,20 @@ class ModelRepository:
         version = version if version in versions else versions[-1]
         return version, self.metadata(name, version)
 
+    def find_by_content(self, name: str, digest: str) -> int | None:
+        """The version whose SavedModel has this content digest, if one was registered already."""
+        for version in self.versions(name):
+            if self.metadata(name, version).get("content_sha256") == digest:
+                return version
+        return None
+
     def publish(self, name: str, saved_model_dir: Path | str, metadata: dict[str, Any],
                 version: int | None = None) -> int:
         """Copy a SavedModel in as the next integer version (atomically) and refresh models.config."""
         saved_model_dir = Path(saved_model_dir)
         if not (saved_model_dir / "saved_model.pb").is_file():
             raise RegistryError("not a SavedModel folder (no saved_model.pb)", path=str(saved_model_dir))
+        metadata = {**metadata, "content_sha256": content_digest(saved_model_dir)}
         existing = self.storage.list_dirs(self.model_path(name))
         taken = {int(d) for d in existing if d.isdigit()}
         version = version or max(taken, default=0) + 1

@@ -235,15 +235,23 @@ def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *
 
 
 def register_model(model_dir: Path | str, model_repo: str, model_name: str, evaluation: dict[str, Any],
-                   **metadata: Any) -> int:
-    """Publish ``model_dir/saved_model`` as the next version, with metrics, config and lineage."""
-    from captioner.registry import ModelRepository
+                   **metadata: Any) -> tuple[int, bool]:
+    """Publish ``model_dir/saved_model`` as the next version, with metrics, config and lineage.
+
+    Returns ``(version, created)``: a SavedModel already in the repository (same content, e.g. a
+    rerun whose steps all came from the cache) is not registered twice.
+    """
+    from captioner.registry import ModelRepository, content_digest
     from captioner.tracking import git_commit
     from captioner.train import ModelSpec
 
     model_dir = Path(model_dir)
+    repository = ModelRepository(model_repo)
+    existing = repository.find_by_content(model_name, content_digest(model_dir / C.SAVED_MODEL_DIR))
+    if existing is not None:
+        return existing, False
     spec = ModelSpec(**json.loads((model_dir / "model.json").read_text()))
     metrics = {k: evaluation.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")}
     record = {"metrics": metrics, "greedy_metrics": evaluation.get("greedy"), "config": spec.config,
               "git_commit": git_commit(), "framework": "tensorflow", **metadata}
-    return ModelRepository(model_repo).publish(model_name, model_dir / C.SAVED_MODEL_DIR, record)
+    return repository.publish(model_name, model_dir / C.SAVED_MODEL_DIR, record), True

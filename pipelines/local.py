@@ -1,0 +1,159 @@
+"""Run the pipeline on one machine with ``kfp.local`` and keep a record of each run.
+
+``kfp.local`` runs every component in a subprocess of the current environment (no containers, no
+pip installs) and caches task outputs by their inputs. It keeps no run history of its own, so
+``run_local`` writes ``<pipeline_root>/captioner-runs/<run_id>.json`` with each task's status,
+duration and outputs; ``captioner runs list|show`` read those records.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from captioner.pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, create_pipeline
+
+from captioner.errors import CaptionerError
+from captioner.io_utils import atomic_write_json
+
+RUNS_DIR = "captioner-runs"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _TaskEvents(logging.Filter):
+    """Reads kfp.local's log lines for task start, cache hits and completion (it logs on the root
+    logger and replaces its handlers, so a logger-level filter is what sees every line)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tasks: dict[str, dict[str, Any]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", str(record.getMessage()))
+        now = record.created
+        if m := re.match(r"Executing task '?([\w-]+)'?", message):
+            self.tasks.setdefault(m[1], {})["started"] = now
+        elif m := re.match(r"Task '?([\w-]+)'? cache hit \(key=(\w+)\)", message):
+            task = self.tasks.setdefault(m[1], {"started": now})
+            task.update(status="cached", cache_key=m[2], finished=now)
+        elif m := re.match(r"Task '?([\w-]+)'? finished with status (\w+)", message):
+            task = self.tasks.setdefault(m[1], {"started": now})
+            if task.get("status") != "cached":
+                task.update(status="succeeded" if m[2] == "SUCCESS" else "failed", finished=now)
+        return True
+
+
+def _outputs_from_executor(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    out: dict[str, Any] = {"parameters": data.get("parameterValues", {}), "artifacts": {}}
+    for name, group in data.get("artifacts", {}).items():
+        for artifact in group.get("artifacts", []):
+            out["artifacts"][name] = {"uri": artifact.get("uri"), "metadata": artifact.get("metadata", {})}
+    return out
+
+
+def _outputs_from_cache(cache_root: Path, key_prefix: str) -> dict[str, Any]:
+    matches = glob.glob(str(cache_root / f"{key_prefix}*.json"))
+    if not matches:
+        return {}
+    data = json.loads(Path(matches[0]).read_text())
+    out: dict[str, Any] = {"parameters": {}, "artifacts": {}}
+    for name, value in data.items():
+        if isinstance(value, dict) and value.get("__kfp_artifact__"):
+            out["artifacts"][name] = {"uri": value.get("uri"), "metadata": value.get("metadata", {})}
+        else:
+            out["parameters"][name] = value
+    return out
+
+
+def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, pipeline_root: str | Path,
+              model_repo: str, model_name: str = "captioner", bleu4_floor: float = 0.1, tolerance: float = 0.005,
+              image: str = DEFAULT_IMAGE, cache: bool = True) -> dict[str, Any]:
+    """Run the whole DAG locally; returns (and saves) the run record. Raises CaptionerError on a failed step."""
+    from kfp import local
+
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    if not str(model_repo).startswith("gs://"):
+        model_repo = str(Path(model_repo).resolve())
+    before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               enable_caching=cache, raise_on_error=True)
+    events = _TaskEvents()
+    root_logger = logging.getLogger()
+    root_logger.addFilter(events)
+    # kfp.local logs cache hits outside its own logging context: let INFO records through to the filter.
+    level = root_logger.level
+    root_logger.setLevel(logging.INFO)
+    params = {"config": config, "overrides": list(overrides or []), "model_repo": model_repo,
+              "model_name": model_name, "bleu4_floor": bleu4_floor, "tolerance": tolerance}
+    started = time.time()
+    error = None
+    try:
+        create_pipeline(image)(**params)
+    except Exception as exc:  # a failed step: recorded below, then reported in one line
+        error = exc
+    finally:
+        root_logger.removeFilter(events)
+        root_logger.setLevel(level)
+    new = sorted({p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")} - before)
+    run_id = new[-1] if new else f"{PIPELINE_NAME}-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
+    record = _record(run_id, pipeline_root, params, events.tasks, started, error)
+    atomic_write_json(pipeline_root / RUNS_DIR / f"{run_id}.json", record)
+    if error is not None:
+        failed = [name for name, task in record["tasks"].items() if task["status"] == "failed"]
+        raise CaptionerError(f"pipeline run {run_id} failed at step {', '.join(failed) or '?'}: "
+                             f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}; "
+                             f"nothing was registered (record: {pipeline_root / RUNS_DIR / (run_id + '.json')})")
+    return record
+
+
+def _record(run_id: str, root: Path, params: dict, events: dict, started: float, error) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    for name in ("tokenize", "extract-features", "train", "evaluate", "register"):
+        event = events.get(name, {})
+        task: dict[str, Any] = {"status": event.get("status", "not run" if error else "skipped")}
+        if "started" in event and "finished" in event:
+            task["seconds"] = round(event["finished"] - event["started"], 3)
+        if event.get("status") == "cached":
+            task["outputs"] = _outputs_from_cache(root / ".kfp_cache", event["cache_key"])
+        else:
+            executor = root / run_id / name / "executor_output.json"
+            if executor.is_file():
+                task["outputs"] = _outputs_from_executor(executor)
+        tasks[name] = task
+    evaluation = tasks["evaluate"].get("outputs", {})
+    gate = evaluation.get("artifacts", {}).get("evaluation", {}).get("metadata", {})
+    report = evaluation.get("artifacts", {}).get("report", {}).get("uri")
+    register = tasks["register"].get("outputs", {})
+    registered = register.get("parameters", {}).get("Output")
+    created = register.get("artifacts", {}).get("registered", {}).get("metadata", {}).get("created")
+    return {"run_id": run_id, "pipeline": PIPELINE_NAME, "status": "failed" if error else "succeeded",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 3), "parameters": params, "tasks": tasks,
+            "gate": {"passed": gate.get("gate_passed"), "reason": gate.get("reason"), "bleu4": gate.get("bleu4")},
+            "registered_version": int(registered) if registered is not None and created else None,
+            "already_registered_as": int(registered) if registered is not None and not created else None,
+            "report": report, "error": str(error).strip().splitlines()[-1] if error and str(error).strip() else None}
+
+
+def list_runs(pipeline_root: str | Path) -> list[dict[str, Any]]:
+    folder = Path(pipeline_root) / RUNS_DIR
+    records = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return sorted(records, key=lambda r: r["run_id"])
+
+
+def get_run(pipeline_root: str | Path, run_id: str) -> dict[str, Any]:
+    runs = list_runs(pipeline_root)
+    if run_id == "latest" and runs:
+        return runs[-1]
+    found = [r for r in runs if r["run_id"] == run_id or r["run_id"].endswith(run_id)]
+    if len(found) != 1:
+        raise CaptionerError(f"no single run matches {run_id!r} ({len(found)} found); see `captioner runs list`",
+                             path=str(Path(pipeline_root) / RUNS_DIR))
+    return found[0]
