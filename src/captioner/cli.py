@@ -152,6 +152,203 @@ def export(model_dir: Path, output: Path, model_name: str) -> None:
     click.echo(f"SavedModel: {output}")
 
 
+# -- pipeline ------------------------------------------------------------------------------------
+@cli.group()
+def pipeline() -> None:
+    """Compile, run (locally), submit and schedule the Kubeflow pipeline."""
+
+
+def _pipeline_options(func):
+    options = [
+        click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP),
+        click.option("--set", "overrides", multiple=True, help=SET_HELP),
+        click.option("--model-repo", required=True, help="Model repository: a folder or gs:// URI."),
+        click.option("--model-name", default="captioner", show_default=True),
+        click.option("--bleu4-floor", type=float, default=0.1, show_default=True,
+                     help="Gate: the lowest test BLEU-4 a model may have to be registered."),
+        click.option("--tolerance", type=float, default=0.005, show_default=True,
+                     help="Gate: how much worse than the champion's BLEU-4 a candidate may be."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _cloud_options(func):
+    options = [
+        click.option("--host", default=None, help="Kubeflow Pipelines endpoint (kfp.Client host)."),
+        click.option("--vertex", is_flag=True, help="Vertex AI Pipelines instead of Kubeflow Pipelines."),
+        click.option("--project", default=None, help="Vertex: Google Cloud project."),
+        click.option("--region", default=None, help="Vertex: region, e.g. us-central1."),
+        click.option("--pipeline-root", default=None, help="Vertex: gs:// folder for run artifacts."),
+        click.option("--service-account", default=None),
+        click.option("--experiment", default="captioner", show_default=True),
+        click.option("--package", type=click.Path(dir_okay=False), default=None,
+                     help="A compiled pipeline.yaml (default: compile now)."),
+        click.option("--image", default=None, help="Component image to pin when compiling."),
+        click.option("--accelerator-type", default=None, help="e.g. NVIDIA_TESLA_T4 (Vertex) or nvidia.com/gpu."),
+        click.option("--accelerator-count", type=int, default=None),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _check_cloud(host, vertex, project, region, pipeline_root) -> None:
+    if vertex and not (project and region and pipeline_root):
+        raise click.UsageError("--vertex needs --project, --region and --pipeline-root gs://...")
+    if not vertex and not host:
+        raise click.UsageError("give --host URL (Kubeflow Pipelines) or --vertex")
+
+
+@pipeline.command("compile")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("pipeline.yaml"),
+              show_default=True)
+@click.option("--image", default=None, help="Component image reference to pin (e.g. with a @sha256 digest).")
+def pipeline_compile(output: Path, image: str | None) -> None:
+    """Compile the pipeline to a KFP v2 YAML package."""
+    from captioner.pipelines.pipeline import DEFAULT_IMAGE, compile_pipeline
+
+    compile_pipeline(str(output), image or DEFAULT_IMAGE)
+    click.echo(f"compiled: {output}")
+
+
+@pipeline.command("run")
+@click.option("--local", "local_run", is_flag=True, required=True,
+              help="Run on this machine with kfp.local (the only way `run` works; see submit).")
+@click.option("--pipeline-root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/pipeline"),
+              show_default=True, help="Where task outputs, the cache and run records go.")
+@click.option("--no-cache", is_flag=True, help="Run every step even if its inputs are unchanged.")
+@_pipeline_options
+def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, config_name: str, overrides: tuple[str, ...],
+                 model_repo: str, model_name: str, bleu4_floor: float, tolerance: float) -> None:
+    """Run the whole DAG locally; print the run id, the gate decision and the registered version."""
+    from captioner.pipelines.local import run_local
+
+    _config(config_name, overrides)  # fail fast, with the field named, before any step starts
+    record = run_local(config_name, list(overrides), pipeline_root=pipeline_root, model_repo=model_repo,
+                       model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance, cache=not no_cache)
+    gate = record["gate"]
+    click.echo(f"run: {record['run_id']} ({record['seconds']:.1f}s)")
+    click.echo(f"gate: {'passed' if gate['passed'] else 'rejected'}: {gate['reason']}")
+    if record["registered_version"] is not None:
+        click.echo(f"registered: {model_repo.rstrip('/')}/{model_name}/{record['registered_version']}")
+    elif record.get("already_registered_as") is not None:
+        click.echo(f"registered: nothing new (this model is version {record['already_registered_as']})")
+    else:
+        click.echo("registered: nothing")
+    click.echo(f"report: {record['report']}")
+
+
+@pipeline.command("submit")
+@_cloud_options
+@_pipeline_options
+def pipeline_submit(host, vertex, project, region, pipeline_root, service_account, experiment, package, image,
+                    accelerator_type, accelerator_count, config_name, overrides, model_repo, model_name,
+                    bleu4_floor, tolerance) -> None:
+    """Submit one run to Kubeflow Pipelines (--host) or Vertex AI Pipelines (--vertex)."""
+    from captioner.pipelines import deploy
+    from captioner.pipelines.pipeline import DEFAULT_IMAGE
+
+    _check_cloud(host, vertex, project, region, pipeline_root)
+    params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
+                                        tolerance, accelerator_type, accelerator_count)
+    if vertex:
+        name = deploy.submit_vertex(project, region, pipeline_root, params, experiment=experiment,
+                                    service_account=service_account, package=package, image=image or DEFAULT_IMAGE)
+    else:
+        name = deploy.submit_kfp(host, params, experiment=experiment, package=package, image=image or DEFAULT_IMAGE)
+    click.echo(f"submitted: {name}")
+
+
+@pipeline.command("schedule")
+@click.option("--cron", required=True, help="When to retrain, cron syntax, e.g. '0 3 * * 1' (Mondays 03:00).")
+@click.option("--name", "schedule_name", default="captioner-retraining", show_default=True)
+@_cloud_options
+@_pipeline_options
+def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeline_root, service_account, experiment,
+                      package, image, accelerator_type, accelerator_count, config_name, overrides, model_repo,
+                      model_name, bleu4_floor, tolerance) -> None:
+    """Schedule recurring retraining: a KFP recurring run or a Vertex PipelineJobSchedule."""
+    from captioner.pipelines import deploy
+    from captioner.pipelines.pipeline import DEFAULT_IMAGE
+
+    _check_cloud(host, vertex, project, region, pipeline_root)
+    params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
+                                        tolerance, accelerator_type, accelerator_count)
+    if vertex:
+        name = deploy.schedule_vertex(project, region, pipeline_root, cron, params, name=schedule_name,
+                                      service_account=service_account, package=package,
+                                      image=image or DEFAULT_IMAGE)
+    else:
+        name = deploy.schedule_kfp(host, cron, params, experiment=experiment, name=schedule_name, package=package,
+                                   image=image or DEFAULT_IMAGE)
+    click.echo(f"scheduled: {name} ({cron})")
+
+
+# -- runs ------------------------------------------------------------------------------------------
+@cli.group()
+def runs() -> None:
+    """Inspect local pipeline runs (records under the pipeline root)."""
+
+
+ROOT_OPTION = click.option("--pipeline-root", type=click.Path(file_okay=False, path_type=Path),
+                           default=Path("runs/pipeline"), show_default=True)
+
+
+@runs.command("list")
+@ROOT_OPTION
+def runs_list(pipeline_root: Path) -> None:
+    """One line per run: id, status, duration, test BLEU-4, gate, registered version."""
+    from captioner.pipelines.local import list_runs
+
+    records = list_runs(pipeline_root)
+    if not records:
+        click.echo(f"no runs under {pipeline_root}")
+        return
+    click.echo(f"{'run':48} {'status':10} {'seconds':>8} {'bleu4':>7}  gate      registered")
+    for r in records:
+        bleu4 = r["gate"].get("bleu4")
+        registered = r["registered_version"] if r["registered_version"] is not None else "-"
+        gate = {True: "passed", False: "rejected"}.get(r["gate"].get("passed"), "-")
+        click.echo(f"{r['run_id']:48} {r['status']:10} {r['seconds']:8.1f} "
+                   f"{bleu4 if bleu4 is None else f'{bleu4:.4f}':>7}  {gate:9} {registered}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
+    """Each task's status, duration, metrics and artifact paths, and where the HTML report is."""
+    from captioner.pipelines.local import get_run
+
+    record = get_run(pipeline_root, run_id)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(f"run {record['run_id']}: {record['status']} in {record['seconds']:.1f}s")
+    click.echo(f"parameters: {json.dumps(record['parameters'])}")
+    order = ["tokenize", "extract-features", "train", "evaluate", "register"]
+    for name, task in sorted(record["tasks"].items(), key=lambda item: order.index(item[0])
+                             if item[0] in order else len(order)):
+        seconds = f"{task['seconds']:.1f}s" if "seconds" in task else "-"
+        click.echo(f"  {name:17} {task['status']:10} {seconds:>8}")
+        outputs = task.get("outputs", {})
+        for key, value in outputs.get("parameters", {}).items():
+            click.echo(f"      {key} = {value}")
+        for key, artifact in outputs.get("artifacts", {}).items():
+            click.echo(f"      {key}: {artifact['uri']}")
+            numbers = {k: v for k, v in artifact["metadata"].items() if isinstance(v, int | float)
+                       and not isinstance(v, bool)}
+            if numbers and key == "metrics":
+                click.echo("        " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(numbers.items())))
+    gate = record["gate"]
+    click.echo(f"gate: {gate.get('passed')} - {gate.get('reason')}")
+    click.echo(f"registered version: {record['registered_version']}")
+    click.echo(f"HTML report: {record['report']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="captioner", standalone_mode=False)
