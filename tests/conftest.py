@@ -50,6 +50,6 @@ def smoke_run(tmp_path_factory, captioner_cache):
     from captioner.workflow import run_training
 
     out = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = load_config("smoke", ["train.epochs=3"])
+    cfg = load_config("smoke")
     run_training(cfg, out, progress=False)
     return out, cfg

@@ -1,0 +1,100 @@
+"""The KFP pipeline: golden compiled YAML, components called as functions, and kfp.local runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from captioner.components import steps
+from captioner.pipelines.local import get_run, list_runs, run_local
+from captioner.pipelines.pipeline import compile_pipeline
+from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+from captioner.errors import CaptionerError
+from captioner.registry import ModelRepository
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_pipeline_yaml_is_up_to_date(tmp_path):
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    committed = ROOT / "pipeline.yaml"
+    assert committed.is_file(), "run `captioner pipeline compile --output pipeline.yaml`"
+    assert Path(fresh).read_text() == committed.read_text(), (
+        "pipeline.yaml is out of date: run `captioner pipeline compile --output pipeline.yaml` and commit it")
+
+
+def test_compiled_dag_shape():
+    spec = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"tokenize", "extract-features", "train", "evaluate", "condition-1"} <= set(tasks)
+    assert set(tasks["train"]["dependentTasks"]) == {"tokenize", "extract-features"}
+    assert "pipelinechannel--evaluate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train"]["container"]
+    assert train["image"].startswith("us-docker.pkg.dev/") and "pip install" not in json.dumps(train)
+    assert "accelerator" in train["resources"] and "cpuRequest" in train["resources"]
+    for name, executor in executors.items():
+        assert "resources" in executor["container"], f"{name} has no resource requests"
+
+
+def test_components_as_functions(tmp_path, captioner_cache):
+    def art(cls, name):
+        return cls(name=name, uri=str(tmp_path / name))
+
+    vocab, features, model = art(Dataset, "vocab"), art(Dataset, "features"), art(Model, "model")
+    overrides = ["train.epochs=2"]
+    steps.tokenize("smoke", overrides, vocab)
+    assert (Path(vocab.path) / "vocab.json").is_file() and vocab.metadata["vocab_size"] > 10
+    steps.extract_features("smoke", overrides, features)
+    assert features.metadata["images"] == 348 and (Path(features.path) / "index.json").is_file()
+    train_metrics = art(Metrics, "train_metrics")
+    steps.train("smoke", overrides, vocab, features, model, train_metrics)
+    assert (Path(model.path) / "saved_model" / "saved_model.pb").is_file()
+    assert train_metrics.metadata["epochs"] == 2 and Path(train_metrics.path).is_file()
+    metrics, report, evaluation = art(Metrics, "metrics"), art(HTML, "report"), art(Artifact, "evaluation")
+    repo = str(tmp_path / "repo")
+    passed = steps.evaluate("smoke", overrides, model, features, repo, "captioner", 0.0, 0.005, metrics, report,
+                            evaluation)
+    assert passed is True and "bleu4" in metrics.metadata and "greedy_cider" in metrics.metadata
+    html = Path(report.path).read_text()
+    assert "<svg" in html and "data:image/jpeg;base64" in html and "Attention" in html and "BLEU-4" in html
+    registered = art(Model, "registered")
+    assert steps.register(model, evaluation, repo, "captioner", "run-1", registered) == 1
+    metadata = ModelRepository(repo).metadata("captioner", 1)
+    assert metadata["pipeline_run_id"] == "run-1" and metadata["metrics"]["bleu4"] == metrics.metadata["bleu4"]
+    assert metadata["config"]["name"] == "smoke" and metadata["framework"] == "tensorflow"
+    assert steps.register(model, evaluation, repo, "captioner", "run-2", registered) == 1  # same model: no v2
+    assert ModelRepository(repo).versions("captioner") == [1]
+
+
+@pytest.mark.slow
+def test_local_dag_registers_caches_and_gates(tmp_path, captioner_cache):
+    root, repo = tmp_path / "root", str(tmp_path / "models")
+    first = run_local("smoke", [], pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
+    assert first["status"] == "succeeded" and first["gate"]["passed"] is True
+    assert first["registered_version"] == 1
+    assert (Path(repo) / "captioner" / "1" / "saved_model.pb").is_file()
+    assert (Path(repo) / "models.config").is_file()
+
+    again = run_local("smoke", [], pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
+    assert {again["tasks"][t]["status"] for t in ("tokenize", "extract-features", "train")} == {"cached"}
+    assert again["registered_version"] is None and again["already_registered_as"] == 1
+
+    worse = run_local("smoke", ["train.epochs=0"], pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
+    assert worse["gate"]["passed"] is False and worse["tasks"]["register"]["status"] == "skipped"
+    assert ModelRepository(repo).versions("captioner") == [1]
+    assert [r["run_id"] for r in list_runs(root)] == sorted([first["run_id"], again["run_id"], worse["run_id"]])
+    assert get_run(root, "latest")["run_id"] == worse["run_id"]
+
+
+def test_failing_step_stops_the_run_and_registers_nothing(tmp_path, captioner_cache):
+    root, repo = tmp_path / "root", tmp_path / "models"
+    with pytest.raises(CaptionerError, match="failed at step tokenize"):
+        run_local("smoke", ["data.format=flickr8k", f"data.root={tmp_path / 'nowhere'}"], pipeline_root=root,
+                  model_repo=str(repo), bleu4_floor=0.0)
+    record = list_runs(root)[-1]
+    assert record["status"] == "failed" and record["tasks"]["tokenize"]["status"] == "failed"
+    assert record["tasks"]["register"]["status"] == "not run"
+    assert not repo.exists() or ModelRepository(repo).versions("captioner") == []
