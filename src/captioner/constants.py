@@ -34,6 +34,7 @@ OUT_FEATURES = "features"
 OUT_LOG_PROBS = "log_probs"
 OUT_STATE = "state"
 OUT_METADATA = "metadata_json"
+OUT_VOCAB = "vocab"
 
 # Artifact file names.
 VOCAB_JSON = "vocab.json"

@@ -8,7 +8,7 @@ Signatures (names in ``captioner.constants``):
 * ``encode``: ``images [B, S, S, 3]`` uint8 (already preprocessed) -> ``features [B, N, d]``.
 * ``decode_step``: ``features [B, N, d]``, ``tokens [B]`` (previous token), ``state [B, 2L, t, d]``
   -> ``log_probs [B, V]``, ``attention [B, N]``, ``state [B, 2L, t+1, d]``; the initial state has t = 0.
-* ``metadata``: -> ``metadata_json`` (input size, vocabulary size, backbone, metrics, ...).
+* ``metadata``: -> ``metadata_json`` (input size, vocabulary size, backbone, metrics, ...) and ``vocab [V]``.
 
 The vocabulary is an asset (``vocab.txt``), and ``assets.extra/tf_serving_warmup_requests`` holds a
 warm-up request for ``serving_default``. The folder appears in one rename when complete.
@@ -66,6 +66,7 @@ class _Holder:
 
 
 def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[str, Any]):
+    vocab_tokens = Path(vocab_txt).read_text(encoding="utf-8").splitlines()
     import tensorflow as tf
 
     from captioner.data.tokenizer import id_to_token_table, ids_to_text
@@ -116,7 +117,9 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
 
         @tf.function(input_signature=[])
         def metadata(self):
-            return {C.OUT_METADATA: tf.constant(metadata_json)}
+            # The vocabulary rides along so that a client of encode/decode_step (the gateway over
+            # TF Serving) can turn token ids into words without a copy of its own.
+            return {C.OUT_METADATA: tf.constant(metadata_json), C.OUT_VOCAB: tf.constant(vocab_tokens)}
 
     return CaptionerModule()
 

@@ -66,6 +66,32 @@ def _words(ids, vocab: Sequence[str]) -> list[str]:
     return words
 
 
+def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int, state_shape: Sequence,
+                  beam_size: int, max_length: int, length_penalty: float) -> dict:
+    """Greedy or beam search over ``encode``/``decode_step``-shaped callables.
+
+    ``encode(pixels) -> features [B, N, d]``; ``step(features, tokens, state) -> (log_probs, attention,
+    state)``. Runs eagerly (the gateway over gRPC) or inside a ``tf.function`` (in-process).
+    Returns ``decode`` output with a beam axis: ``tokens [B, K, T]``, ``scores [B, K]``, ...
+    """
+    import tensorflow as tf
+
+    from captioner.model.decoding import beam_search, greedy_search, tile_beams
+
+    features = tf.convert_to_tensor(encode(pixels), tf.float32)
+    batch = tf.shape(features)[0]
+    tiled = tile_beams(features, beam_size) if beam_size > 1 else features
+    state = tf.zeros([batch * beam_size, state_shape[1], 0, state_shape[3]], tf.float32)
+
+    def step_fn(tokens, state):
+        return step(tiled, tokens, state)
+
+    if beam_size == 1:
+        out = greedy_search(step_fn, state, batch, max_length, num_regions)
+        return {k: v[:, None] for k, v in out.items()}
+    return beam_search(step_fn, state, batch, beam_size, max_length, num_regions, length_penalty)
+
+
 class SavedModelCaptioner:
     """Runs an exported SavedModel in-process with the library's preprocessing and decoders."""
 
@@ -76,12 +102,12 @@ class SavedModelCaptioner:
         if not (self.path / "saved_model.pb").is_file():
             raise ModelError("not a SavedModel folder (no saved_model.pb)", path=str(self.path))
         self.loaded = tf.saved_model.load(str(self.path), tags=[C.SERVE_TAG])
-        missing = [s for s in (C.SIG_ENCODE, C.SIG_DECODE_STEP) if s not in self.loaded.signatures]
+        missing = [s for s in (C.SIG_ENCODE, C.SIG_DECODE_STEP, C.SIG_METADATA) if s not in self.loaded.signatures]
         if missing:
             raise ModelError(f"SavedModel lacks signature(s) {missing}", path=str(self.path))
-        self.metadata = json.loads(self.loaded.signatures[C.SIG_METADATA]()[C.OUT_METADATA].numpy())
-        vocab = json.loads((self.path / "assets.extra" / C.VOCAB_JSON).read_text())
-        self.vocab = vocab["tokens"]
+        meta = self.loaded.signatures[C.SIG_METADATA]()
+        self.metadata = json.loads(meta[C.OUT_METADATA].numpy())
+        self.vocab = [t.decode() for t in meta[C.OUT_VOCAB].numpy()]
         self.image_size = int(self.metadata["input_size"])
         self._encode = self.loaded.signatures[C.SIG_ENCODE]
         self._step = self.loaded.signatures[C.SIG_DECODE_STEP]
@@ -90,31 +116,20 @@ class SavedModelCaptioner:
     def _decoder(self, beam_size: int, max_length: int, length_penalty: float) -> Callable:
         import tensorflow as tf
 
-        from captioner.model.decoding import beam_search, greedy_search, tile_beams
-
         key = (beam_size, max_length, length_penalty)
         if key not in self._decoders:
-            regions = int(self.metadata["num_regions"])
-            shape = self.metadata["state_shape"]
+            def encode(images):
+                return self._encode(images=images)[C.OUT_FEATURES]
 
-            @tf.function(reduce_retracing=True)
-            def run(images):
-                features = self._encode(images=images)[C.OUT_FEATURES]
-                batch = tf.shape(features)[0]
-                rows = batch * beam_size
-                tiled = tile_beams(features, beam_size) if beam_size > 1 else features
-                state = tf.zeros([rows, shape[1], 0, shape[3]], tf.float32)
+            def step(features, tokens, state):
+                out = self._step(features=features, tokens=tokens, state=state)
+                return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
 
-                def step(tokens, state):
-                    out = self._step(features=tiled, tokens=tokens, state=state)
-                    return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
-
-                if beam_size == 1:
-                    out = greedy_search(step, state, batch, max_length, regions)
-                    return {k: v[:, None] for k, v in out.items()}
-                return beam_search(step, state, batch, beam_size, max_length, regions, length_penalty)
-
-            self._decoders[key] = run
+            self._decoders[key] = tf.function(
+                lambda images: decode_images(encode, step, images, num_regions=int(self.metadata["num_regions"]),
+                                             state_shape=self.metadata["state_shape"], beam_size=beam_size,
+                                             max_length=max_length, length_penalty=length_penalty),
+                reduce_retracing=True)
         return self._decoders[key]
 
     def caption_pixels(self, pixels: np.ndarray, *, beam_size: int | None = None, max_length: int | None = None,
