@@ -349,6 +349,54 @@ def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
     click.echo(f"HTML report: {record['report']}")
 
 
+# -- serve -----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--model-repo", default=None, help="Model repository to serve from (local backend; default: models).")
+@click.option("--model-dir", default=None, help="Serve this SavedModel folder instead of a repository.")
+@click.option("--model-name", default=None, help="Model name in the repository / TF Serving (default: captioner).")
+@click.option("--backend", type=click.Choice(["local", "tfserving"]), default=None,
+              help="local: in-process SavedModel (default); tfserving: TensorFlow Serving over gRPC.")
+@click.option("--tfserving-target", default=None, help="host:port of TF Serving's gRPC API (default localhost:8500).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="gunicorn worker processes.")
+@click.option("--threads", type=int, default=4, show_default=True, help="Threads per worker.")
+def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, port, workers, threads) -> None:
+    """Run the REST gateway (gunicorn) with the demo page at http://HOST:PORT/demo.
+
+    Settings not given as flags come from CAPTIONER_* environment variables (see README).
+    """
+    import tempfile
+
+    from gunicorn.app.base import BaseApplication
+
+    from captioner.serving.settings import Settings
+
+    settings = Settings.from_env(model_repo=model_repo, model_dir=model_dir, model_name=model_name,
+                                 backend=backend, tfserving_target=tfserving_target)
+    if workers > 1:
+        # Prometheus samples of all workers are aggregated through this folder.
+        os.environ.setdefault("PROMETHEUS_MULTIPROCESS_DIR", tempfile.mkdtemp(prefix="captioner-prometheus-"))
+
+    class Gateway(BaseApplication):
+        def load_config(self):
+            for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+                               "worker_class": "gthread", "timeout": 120, "accesslog": None,
+                               "graceful_timeout": 30}.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            import logging
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            from captioner.serving.app import create_app
+
+            return create_app(settings)
+
+    click.echo(f"serving {settings.model_name} ({settings.backend}) on http://{host}:{port}/  demo: /demo")
+    Gateway().run()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="captioner", standalone_mode=False)

@@ -26,7 +26,15 @@ class DataError(CaptionerError):
 
 
 class ImageError(CaptionerError):
-    """An image could not be decoded or is not acceptable (too large, unsupported)."""
+    """An image could not be decoded (corrupt, truncated, empty)."""
+
+
+class ImageUnsupported(ImageError):
+    """The bytes are not in an image format Pillow reads."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than allowed (a decompression bomb, or just too big)."""
 
 
 class ModelError(CaptionerError):

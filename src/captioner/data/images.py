@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.errors import ImageError
+from captioner.errors import ImageError, ImageTooLarge, ImageUnsupported
 
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -63,7 +63,7 @@ def load_image(source: bytes | str | Path, size: int, *, max_pixels: int = DEFAU
             if width < 1 or height < 1:
                 raise ImageError(f"image has no pixels ({width}x{height})", path=where)
             if width * height > max_pixels:
-                raise ImageError(
+                raise ImageTooLarge(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
                     path=where,
                 )
@@ -77,8 +77,11 @@ def load_image(source: bytes | str | Path, size: int, *, max_pixels: int = DEFAU
             return np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"not a decodable image: {exc}", path=where) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageUnsupported("not a decodable image: not in a format Pillow reads (JPEG, PNG, WebP, GIF, "
+                               "BMP, TIFF, ...)", path=where) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", path=where) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}", path=where) from exc
 

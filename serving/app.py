@@ -1,0 +1,261 @@
+"""The Flask gateway: ``create_app(settings)`` builds it; nothing happens at import time.
+
+Endpoints: ``GET /`` (service info; the demo page for browsers), ``/demo``, ``/health`` (liveness),
+``/ready`` (the model is loaded and answers), ``/metrics`` (Prometheus), ``/model/info`` and
+``POST /predict``. Every client error is a 4xx JSON ``{"error", "request_id"}``: 400 bad parameters,
+401 missing API key, 413 too large, 415 not an image, 422 undecodable image; 503 backend down,
+504 backend timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from captioner.serving.backends import BackendTimeout, BackendUnavailable, DecodeRequest, make_backend
+from captioner.serving.metrics import GatewayMetrics
+from captioner.serving.settings import Settings
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from captioner.data.images import load_image
+from captioner.errors import ImageError, ImageTooLarge, ImageUnsupported
+
+access_log = logging.getLogger("captioner.gateway.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ClientError(400, f"{name} must be true or false, got {value!r}", "bad_parameter")
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise ClientError(400, f"{name} must be an integer, got {value!r}", "bad_parameter") from None
+    if not low <= number <= high:
+        raise ClientError(400, f"{name} must be between {low} and {high}, got {number}", "bad_parameter")
+    return number
+
+
+def create_app(settings: Settings | None = None, backend=None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.json.sort_keys = False
+    metrics = GatewayMetrics()
+    backend = backend or make_backend(settings)
+    backend.start()
+    app.extensions["captioner"] = {"settings": settings, "backend": backend, "metrics": metrics}
+    if settings.cors_origins:
+        from flask_cors import CORS
+
+        CORS(app, origins=list(settings.cors_origins), expose_headers=["X-Request-ID"])
+    demo_html = resources.files("captioner.serving").joinpath("static/demo.html").read_text(encoding="utf-8")
+
+    @app.before_request
+    def start():
+        header = request.headers.get("X-Request-ID", "")
+        g.request_id = header if _REQUEST_ID.match(header) else uuid.uuid4().hex
+        g.start = time.perf_counter()
+        g.model_version = None
+        metrics.in_flight.inc()
+        if settings.api_key and request.endpoint in ("predict", "model_info") and \
+                request.headers.get("X-API-Key") != settings.api_key:
+            return _error(401, "missing or wrong X-API-Key header", "unauthorized")
+        return None
+
+    @app.after_request
+    def finish(response: Response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        latency = time.perf_counter() - g.get("start", time.perf_counter())
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(latency)
+        if settings.log_requests:
+            access_log.info(json.dumps({
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "request_id": g.get("request_id"),
+                "method": request.method, "route": endpoint, "status": response.status_code,
+                "latency_ms": round(latency * 1000, 2), "model_version": g.get("model_version"),
+                "remote": request.remote_addr}))
+        return response
+
+    @app.teardown_request
+    def done(_exc):
+        metrics.in_flight.dec()
+
+    def _error(status: int, message: str, kind: str):
+        metrics.errors.labels(kind).inc()
+        return jsonify({"error": message, "request_id": g.get("request_id")}), status
+
+    @app.errorhandler(ClientError)
+    def client_error(exc: ClientError):
+        return _error(exc.status, str(exc), exc.kind)
+
+    @app.errorhandler(BackendUnavailable)
+    def unavailable(exc):
+        return _error(503, f"model backend unavailable: {exc}", "backend_unavailable")
+
+    @app.errorhandler(BackendTimeout)
+    def timeout(exc):
+        return _error(504, f"model backend timed out: {exc}", "backend_timeout")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kind = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http")
+        message = (f"upload larger than {settings.max_upload_bytes} bytes" if exc.code == 413
+                   else exc.description or exc.name)
+        return _error(exc.code or 400, message, kind)
+
+    @app.errorhandler(Exception)
+    def internal(exc: Exception):
+        app.logger.exception("request %s failed", g.get("request_id"))
+        return _error(500, "internal error", "internal")
+
+    # -- endpoints -----------------------------------------------------------------------------
+    @app.get("/")
+    def index():
+        best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+        if best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes[
+                "application/json"]:
+            return Response(demo_html, mimetype="text/html")
+        return jsonify({"service": "captioner gateway", "backend": settings.backend,
+                        "model_name": settings.model_name,
+                        "endpoints": ["/", "/demo", "/health", "/ready", "/metrics", "/model/info", "/predict"]})
+
+    @app.get("/demo")
+    def demo():
+        return Response(demo_html, mimetype="text/html")
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok", "uptime_seconds": round(time.time() - metrics.start_time, 1)})
+
+    @app.get("/ready")
+    def ready():
+        ok, detail = backend.ready()
+        return jsonify({"ready": ok, "detail": detail, "request_id": g.request_id}), 200 if ok else 503
+
+    @app.get("/metrics")
+    def prometheus():
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
+    @app.get("/model/info")
+    def model_info():
+        info = backend.info()
+        g.model_version = info["version"]
+        _record_version(info["version"])
+        return jsonify(info)
+
+    def _record_version(version: str) -> None:
+        if str(version).isdigit():
+            metrics.model_version.labels(settings.model_name).set(int(version))
+
+    def _images() -> list[tuple[str, bytes]]:
+        if request.mimetype == "multipart/form-data":
+            files = request.files.getlist("file") + request.files.getlist("files")
+            if not files:
+                raise ClientError(400, "multipart request without a 'file' field", "bad_parameter")
+            return [(f.filename or f"file{i}", f.read()) for i, f in enumerate(files)]
+        if request.mimetype == "application/json":
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict):
+                raise ClientError(400, "JSON body must be an object with 'image' or 'images'", "bad_parameter")
+            items = body.get("images", [body["image"]] if "image" in body else None)
+            if not isinstance(items, list) or not items:
+                raise ClientError(400, "JSON body needs 'image' (base64) or 'images' (a list)", "bad_parameter")
+            out = []
+            for i, item in enumerate(items):
+                if not isinstance(item, str):
+                    raise ClientError(400, f"images[{i}] must be a base64 string", "bad_parameter")
+                try:
+                    data = base64.b64decode(item.split(",", 1)[-1] if item.startswith("data:") else item,
+                                            validate=True)
+                except (binascii.Error, ValueError):
+                    raise ClientError(400, f"images[{i}] is not valid base64", "bad_parameter") from None
+                out.append((f"images[{i}]", data))
+            return out
+        raise ClientError(415, f"unsupported Content-Type {request.mimetype or 'none'!r}: send multipart/form-data "
+                          "with a 'file' field or application/json with a base64 'image'", "unsupported_media_type")
+
+    def _params(model_max_length: int) -> tuple[str, DecodeRequest]:
+        source: dict[str, Any] = dict(request.args)
+        if request.mimetype == "multipart/form-data":
+            source.update(request.form.to_dict())
+        elif request.mimetype == "application/json" and isinstance(request.get_json(silent=True), dict):
+            source.update({k: v for k, v in request.get_json().items() if k not in ("image", "images")})
+        algorithm = str(source.get("algorithm", "beam")).lower()
+        if algorithm not in ("greedy", "beam"):
+            raise ClientError(400, f"algorithm must be greedy or beam, got {algorithm!r}", "bad_parameter")
+        beam_size = _int(source.get("beam_size", settings.default_beam_size), "beam_size", 1, settings.max_beam_size)
+        if algorithm == "greedy":
+            beam_size = 1
+        max_length = _int(source.get("max_length", model_max_length), "max_length", 2, settings.max_caption_length)
+        attention = _bool(source.get("return_attention", False), "return_attention")
+        return algorithm, DecodeRequest(beam_size, max_length, None, attention, g.request_id)
+
+    @app.post("/predict")
+    def predict():
+        started = time.perf_counter()
+        images = _images()
+        if len(images) > settings.max_images:
+            raise ClientError(400, f"at most {settings.max_images} images per request, got {len(images)}",
+                              "bad_parameter")
+        info = backend.info()
+        algorithm, decode = _params(int(info["metadata"].get("max_length", 20)))
+        size = int(info["metadata"]["input_size"])
+        pixels = []
+        for name, data in images:
+            try:
+                pixels.append(load_image(data, size, max_pixels=settings.max_pixels, label=name))
+            except ImageTooLarge as exc:
+                raise ClientError(413, str(exc), "image_too_large") from None
+            except ImageUnsupported as exc:
+                raise ClientError(415, str(exc), "unsupported_image") from None
+            except ImageError as exc:
+                raise ClientError(422, str(exc), "undecodable_image") from None
+        prepared = time.perf_counter()
+        results, version = backend.caption(np.stack(pixels), decode)
+        g.model_version = version
+        _record_version(version)
+        done = time.perf_counter()
+        items = []
+        side = int(round(float(info["metadata"].get("num_regions", 49)) ** 0.5))
+        for (name, _), result in zip(images, results, strict=True):
+            item = {"image": name, **result.to_dict(with_attention=decode.with_attention)}
+            if decode.with_attention:
+                item["attention_grid"] = [side, side]
+            items.append(item)
+        body = {"request_id": g.request_id, "model": {"name": settings.model_name, "version": version},
+                "algorithm": algorithm, "beam_size": decode.beam_size, "max_length": decode.max_length,
+                **{k: v for k, v in items[0].items() if k != "image"},
+                "results": items,
+                "timing_ms": {"preprocess": round((prepared - started) * 1000, 2),
+                              "inference": round((done - prepared) * 1000, 2),
+                              "total": round((done - started) * 1000, 2)}}
+        return jsonify(body)
+
+    return app

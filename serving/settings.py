@@ -1,0 +1,66 @@
+"""Gateway settings: read from the environment (``CAPTIONER_*``) and flags inside ``create_app``, never
+at import time."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "local"                 # local | tfserving
+    model_repo: str = "models"             # local backend: the model repository (TF Serving layout)
+    model_name: str = "captioner"
+    model_dir: str = ""                    # local backend: serve this SavedModel folder instead
+    poll_seconds: float = 5.0              # local backend: how often to look for a new version
+    tfserving_target: str = "localhost:8500"
+    deadline_seconds: float = 10.0         # per request, over all gRPC calls
+    retries: int = 2                       # per gRPC call, on UNAVAILABLE
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_images: int = 8                    # per request
+    max_beam_size: int = 10
+    max_caption_length: int = 40
+    default_beam_size: int = 3
+    cors_origins: tuple[str, ...] = ()
+    api_key: str = ""                      # when set, /predict and /model/info need X-API-Key
+    log_requests: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"CAPTIONER_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _parse(raw, f)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        if settings.backend not in ("local", "tfserving"):
+            raise ValueError(f"CAPTIONER_BACKEND={settings.backend!r}: expected local or tfserving")
+        return settings
+
+
+def _parse(raw: str, f: dataclasses.Field) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = f"CAPTIONER_{f.name.upper()}"
+    try:
+        if kind == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+__all__ = ["Settings"]

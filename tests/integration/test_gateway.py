@@ -1,0 +1,270 @@
+"""The Flask gateway over the local backend and over gRPC (a real PredictionService server)."""
+
+import base64
+import io
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from captioner.serving.app import create_app
+from captioner.serving.settings import Settings
+from PIL import Image
+
+from captioner.registry import ModelRepository
+from captioner.workflow import load_data
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def repo(smoke_run, tmp_path_factory):
+    out, _ = smoke_run
+    root = tmp_path_factory.mktemp("repo")
+    ModelRepository(root).publish("captioner", out / "saved_model", {"metrics": {"bleu4": 0.3}})
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(repo):
+    app = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False, api_key=""))
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def test_images(smoke_run):
+    _, cfg = smoke_run
+    data = load_data(cfg)
+    return [data.image_path(i) for i in data.splits["test"][:6]]
+
+
+def jpeg(path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def post_file(client, data: bytes, name="x.jpg", **form):
+    return client.post("/predict", data={"file": (io.BytesIO(data), name), **form},
+                       content_type="multipart/form-data")
+
+
+def test_info_health_ready_metrics(client):
+    assert client.get("/").json["service"] == "captioner gateway"
+    assert b"<form" in client.get("/", headers={"Accept": "text/html"}).data
+    assert b"Attention per word" in client.get("/demo").data
+    assert client.get("/health").json["status"] == "ok"
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json["ready"] is True
+    info = client.get("/model/info").json
+    assert info["version"] == "1" and info["metadata"]["backbone"] == "patches"
+
+
+def test_predict_multipart(client, test_images):
+    response = post_file(client, jpeg(test_images[0]), headers=None, algorithm="beam", beam_size="2")
+    body = response.json
+    assert response.status_code == 200, body
+    assert body["caption"] and len(body["nbest"]) == 2 and body["model"] == {"name": "captioner", "version": "1"}
+    assert response.headers["X-Request-ID"] == body["request_id"]
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] > 0
+    greedy = post_file(client, jpeg(test_images[0]), algorithm="greedy").json
+    assert greedy["beam_size"] == 1 and len(greedy["nbest"]) == 1
+
+
+def test_request_id_is_echoed(client, test_images):
+    response = client.post("/predict", data={"file": (io.BytesIO(jpeg(test_images[0])), "a.jpg")},
+                           headers={"X-Request-ID": "abc-123"}, content_type="multipart/form-data")
+    assert response.headers["X-Request-ID"] == "abc-123" and response.json["request_id"] == "abc-123"
+
+
+def test_json_base64_several_images_and_attention(client, test_images):
+    images = [base64.b64encode(jpeg(p)).decode() for p in test_images[:3]]
+    body = client.post("/predict", json={"images": images, "return_attention": True, "beam_size": 2}).json
+    assert len(body["results"]) == 3
+    first = body["results"][0]
+    assert body["attention_grid"] == [8, 8] and len(first["attention"]) == len(first["words"])
+    assert all(len(row) == 64 and abs(sum(row) - 1) < 1e-3 for row in first["attention"])
+
+
+def test_gateway_equals_library_and_serving_default(client, smoke_run, test_images):
+    """Beam search in the gateway == the library's runner == the SavedModel's in-graph serving_default."""
+    import tensorflow as tf
+
+    from captioner import constants as C
+    from captioner.predictor import SavedModelCaptioner
+
+    out, cfg = smoke_run
+    runner = SavedModelCaptioner(out / "saved_model")
+    served = runner.loaded.signatures[C.SIG_SERVING](image_bytes=tf.constant([p.read_bytes() for p in test_images]))
+    in_graph = [c.decode() for c in served[C.OUT_CAPTIONS].numpy()]
+    library = [r.caption for r in runner.caption_files(test_images, beam_size=cfg.decode.beam_size)]
+    gateway = [client.post("/predict", data={"file": (io.BytesIO(p.read_bytes()), p.name),
+                                             "beam_size": str(cfg.decode.beam_size)},
+                           content_type="multipart/form-data").json["caption"] for p in test_images]
+    assert gateway == library == in_graph
+
+
+@pytest.mark.parametrize("kwargs, status, words", [
+    ({"algorithm": "sideways"}, 400, "algorithm"),
+    ({"beam_size": "0"}, 400, "beam_size"),
+    ({"beam_size": "many"}, 400, "beam_size"),
+    ({"max_length": "1000"}, 400, "max_length"),
+    ({"return_attention": "perhaps"}, 400, "return_attention"),
+])
+def test_bad_parameters_are_400(client, test_images, kwargs, status, words):
+    response = post_file(client, jpeg(test_images[0]), **kwargs)
+    assert response.status_code == status and words in response.json["error"] and response.json["request_id"]
+
+
+def test_client_errors(client, test_images):
+    assert post_file(client, b"hello, world").status_code == 415
+    assert post_file(client, jpeg(test_images[0])[:200]).status_code == 422
+    assert post_file(client, b"").status_code == 422
+    assert client.post("/predict", data=b"raw", content_type="text/plain").status_code == 415
+    assert client.post("/predict", json={"image": "***"}).status_code == 400
+    assert client.post("/predict", json=[1, 2]).status_code == 400
+    assert client.post("/predict", data={}, content_type="multipart/form-data").status_code == 400
+    assert client.get("/nope").status_code == 404
+    assert client.get("/predict").status_code == 405
+    big = Image.new("L", (9000, 9000))
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    response = post_file(client, buffer.getvalue(), name="bomb.png")
+    assert response.status_code == 413 and "pixels" in response.json["error"]
+
+
+def test_upload_limit_and_api_key(repo, test_images):
+    app = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False, max_upload_bytes=2000,
+                              api_key="sekret"))
+    client = app.test_client()
+    data = {"file": (io.BytesIO(b"0" * 5000), "big.jpg")}
+    assert client.post("/predict", data=data, content_type="multipart/form-data",
+                       headers={"X-API-Key": "sekret"}).status_code == 413
+    assert client.get("/model/info").status_code == 401
+    assert client.get("/model/info", headers={"X-API-Key": "sekret"}).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def test_not_ready_without_a_model(tmp_path):
+    app = create_app(Settings(model_repo=str(tmp_path / "empty"), poll_seconds=0, log_requests=False))
+    client = app.test_client()
+    assert client.get("/ready").status_code == 503
+    response = post_file(client, b"x")
+    assert response.status_code == 503 and "no version" in response.json["error"]
+
+
+def test_metrics_count_requests(client, test_images):
+    post_file(client, jpeg(test_images[0]))
+    post_file(client, b"nope")
+    text = client.get("/metrics").data.decode()
+    assert 'captioner_requests_total{endpoint="/predict",method="POST",status="200"}' in text
+    assert 'captioner_errors_total{kind="unsupported_image"}' in text
+    assert "captioner_request_latency_seconds_bucket" in text and "captioner_in_flight_requests" in text
+    assert 'captioner_model_version{model="captioner"} 1.0' in text and "captioner_uptime_seconds" in text
+
+
+def test_access_log_is_one_json_line(repo, test_images, caplog):
+    app = create_app(Settings(model_repo=str(repo), poll_seconds=0))
+    with caplog.at_level("INFO", logger="captioner.gateway.access"):
+        post_file(app.test_client(), jpeg(test_images[0]))
+    line = json.loads(caplog.records[-1].getMessage())
+    assert line["route"] == "/predict" and line["status"] == 200 and line["model_version"] == "1"
+    assert line["request_id"] and line["latency_ms"] > 0
+
+
+def test_new_version_swaps_without_failing_requests(smoke_run, tmp_path, test_images):
+    out, _ = smoke_run
+    repo = ModelRepository(tmp_path / "repo")
+    repo.publish("captioner", out / "saved_model", {"metrics": {}})
+    app = create_app(Settings(model_repo=str(tmp_path / "repo"), poll_seconds=0.2, log_requests=False))
+    client = app.test_client()
+    data = jpeg(test_images[0])
+    statuses, versions, stop = [], set(), threading.Event()
+
+    def load():
+        local = app.test_client()
+        while not stop.is_set():
+            response = post_file(local, data)
+            statuses.append(response.status_code)
+            versions.add(response.json.get("model", {}).get("version"))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    copy = tmp_path / "v2"
+    shutil.copytree(out / "saved_model", copy)
+    (copy / "assets.extra" / "marker").write_text("v2")  # different content: a new version
+    repo.publish("captioner", copy, {"metrics": {}})
+    registered = time.monotonic()
+    while client.get("/model/info").json["version"] != "2" and time.monotonic() - registered < 10:
+        time.sleep(0.05)
+    seen_after = time.monotonic() - registered
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert seen_after < 10 and client.get("/model/info").json["version"] == "2"
+    assert statuses and set(statuses) == {200} and {"1", "2"} <= versions
+
+
+# -- the TF Serving (gRPC) backend ------------------------------------------------------------------
+@pytest.fixture
+def grpc_server(repo):
+    from captioner.serving.grpc_server import ModelServer
+
+    server = ModelServer(repo).start()
+    yield server
+    server.stop()
+
+
+def test_tfserving_backend_matches_local(grpc_server, client, test_images):
+    app = create_app(Settings(backend="tfserving", tfserving_target=grpc_server.target, log_requests=False,
+                              deadline_seconds=20))
+    remote = app.test_client()
+    assert remote.get("/ready").status_code == 200
+    assert remote.get("/model/info").json["version"] == "1"
+    for path in test_images[:3]:
+        a = post_file(remote, jpeg(path), beam_size="2", return_attention="true").json
+        b = post_file(client, jpeg(path), beam_size="2", return_attention="true").json
+        assert a["caption"] == b["caption"] and a["model"] == b["model"]
+        np.testing.assert_allclose([x["score"] for x in a["nbest"]], [x["score"] for x in b["nbest"]], atol=1e-4)
+
+
+def test_tfserving_down_gives_503_then_recovers(grpc_server, repo, test_images):
+    from captioner.serving.grpc_server import ModelServer
+
+    port = grpc_server.port
+    app = create_app(Settings(backend="tfserving", tfserving_target=grpc_server.target, log_requests=False,
+                              deadline_seconds=3, retries=1))
+    remote = app.test_client()
+    assert post_file(remote, jpeg(test_images[0])).status_code == 200
+    grpc_server.stop()
+    started = time.monotonic()
+    assert remote.get("/ready").status_code == 503
+    response = post_file(remote, jpeg(test_images[0]))
+    assert response.status_code == 503 and time.monotonic() - started < 3 + 2.5
+    back = ModelServer(repo, port=port).start()
+    try:
+        deadline = time.monotonic() + 10
+        while remote.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert remote.get("/ready").status_code == 200
+        assert post_file(remote, jpeg(test_images[0])).status_code == 200
+    finally:
+        back.stop()
+
+
+def test_tfserving_timeout_gives_504(repo, test_images):
+    from captioner.serving.grpc_server import ModelServer
+
+    slow = ModelServer(repo, delay_seconds=1.0).start()
+    try:
+        app = create_app(Settings(backend="tfserving", tfserving_target=slow.target, log_requests=False,
+                                  deadline_seconds=0.5, retries=0))
+        response = post_file(app.test_client(), jpeg(test_images[0]))
+        assert response.status_code == 504 and "timed out" in response.json["error"]
+    finally:
+        slow.stop()
