@@ -7,7 +7,7 @@ KERAS_HOME ?= $(HOME)/.keras
 DEMO_DIR ?= runs/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: setup weights demo test test-fast lint bench clean
+.PHONY: setup weights browser demo test test-fast lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -16,7 +16,15 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipeline,serve,dev]'
 	@touch $(STAMP)
 
-setup: $(STAMP) weights  ## create .venv and install the project with its extras
+setup: $(STAMP) weights browser  ## create .venv and install the project with its extras
+
+# Debian's Chromium for the demo-page test (Playwright drives it; it never downloads a browser).
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian chromium for the browser test"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium not installed: the demo-page test will be skipped (apt-get install chromium)"; fi
 
 # Offline ImageNet weights: copy them into the Keras cache when ../shared has them.
 weights:
