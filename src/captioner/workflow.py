@@ -60,7 +60,8 @@ def extract_step(cfg: Config, dataset: CaptionDataset, folder: Path | str | None
                  images: list[str] | None = None, progress: bool = True) -> FeatureStore:
     folder = Path(folder) if folder else features_folder(cfg, dataset)
     images = images if images is not None else dataset.all_images()
-    flip = [i for i in dataset.splits["train"] if i in set(images)] if cfg.features.flip_train else []
+    wanted = set(images)
+    flip = [i for i in dataset.splits["train"] if i in wanted] if cfg.features.flip_train else []
     return extract_features(dataset, images, cfg.features, folder, flip=flip, progress=progress)
 
 
