@@ -16,7 +16,8 @@ from .test_registry import fake_saved_model
 pytestmark = pytest.mark.unit
 DEPLOY = Path(__file__).resolve().parents[2] / "serving" / "deploy"
 MODELS = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
-          ("v1", "ConfigMap"): "V1ConfigMap", ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler"}
+          ("v1", "ConfigMap"): "V1ConfigMap",
+          ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler"}
 
 
 def manifests():
