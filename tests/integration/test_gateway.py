@@ -246,3 +246,30 @@ def test_tfserving_timeout_gives_504(repo, test_images):
         assert response.status_code == 504 and "timed out" in response.json["error"]
     finally:
         slow.stop()
+
+
+def test_hostile_corpus(client):
+    """>= 40 hostile or unusual uploads: valid images 200, invalid ones the right 4xx, never a 5xx."""
+    from captioner.serving.hostile import invalid_cases, valid_cases
+
+    valid, invalid = list(valid_cases()), list(invalid_cases())
+    assert len(valid) + len(invalid) >= 40
+    for name, data in valid:
+        response = post_file(client, data, name=name, beam_size="2")
+        assert response.status_code == 200, (name, response.json)
+    for name, data, status in invalid:
+        response = post_file(client, data, name=name)
+        assert response.status_code == status, (name, response.status_code, response.json)
+        assert response.json["request_id"] and response.json["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_fuzz_never_5xx(client):
+    from captioner.serving.hostile import fuzz_payloads
+
+    statuses = {}
+    for name, data in fuzz_payloads(300, seed=7):
+        status = post_file(client, data, name=name, algorithm="greedy", max_length="4").status_code
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status < 500, name
+    assert set(statuses) <= {200, 413, 415, 422}

@@ -42,6 +42,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    """Starts like an image format Pillow reads (so a failure is damage, not the wrong type)."""
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 def load_image(source: bytes | str | Path, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                label: str | None = None) -> np.ndarray:
     """Decode ``source`` (bytes or a path) into a ``(size, size, 3)`` uint8 RGB array.
@@ -78,6 +86,8 @@ def load_image(source: bytes | str | Path, size: int, *, max_pixels: int = DEFAU
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
+        if _has_image_signature(data):
+            raise ImageError("corrupt or truncated image (its header is cut or damaged)", path=where) from exc
         raise ImageUnsupported("not a decodable image: not in a format Pillow reads (JPEG, PNG, WebP, GIF, "
                                "BMP, TIFF, ...)", path=where) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
