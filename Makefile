@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
 KERAS_HOME ?= $(HOME)/.keras
-DEMO_DIR ?= runs/demo
 STAMP := $(VENV)/.installed
 
 .PHONY: setup weights browser demo test test-fast lint bench clean
@@ -33,12 +32,14 @@ weights:
 	  echo "ImageNet weights copied to $(KERAS_HOME)/models"; \
 	else echo "no $(SHARED)/weights: real-data backbones will need their weights in $(KERAS_HOME)/models"; fi
 
-demo: setup  ## train the offline default (synthetic preset) end to end, then caption two test images
-	rm -rf $(DEMO_DIR)
-	$(BIN)/captioner train --config synthetic --output $(DEMO_DIR)
-	$(BIN)/captioner caption --model $(DEMO_DIR)/saved_model --beam-size 3 \
-	  $$($(BIN)/python -c "from captioner.workflow import load_data; from captioner.config import load_config; \
-	  d = load_data(load_config('synthetic')); print(' '.join(str(d.image_path(i)) for i in d.splits['test'][:2]))")
+demo: setup  ## the main job on the offline default: the whole pipeline (train, evaluate, gate, register)
+	$(BIN)/captioner pipeline run --local --config synthetic --pipeline-root runs/pipeline --model-repo models
+	$(BIN)/captioner runs show latest --pipeline-root runs/pipeline
+	$(BIN)/captioner caption --model models/captioner/$$(ls models/captioner | grep -E '^[0-9]+$$' | sort -n | tail -1) \
+	  --beam-size 3 $$($(BIN)/python -c "from captioner.workflow import load_data; \
+	  from captioner.config import load_config; d = load_data(load_config('synthetic')); \
+	  print(' '.join(str(d.image_path(i)) for i in d.splits['test'][:3]))")
+	@echo "serve it: $(BIN)/captioner serve --model-repo models   (then open http://127.0.0.1:8080/demo)"
 
 test: setup  ## the whole suite (CI runs this)
 	$(BIN)/pytest -q
