@@ -71,8 +71,8 @@ def test_partial_local_version_is_invisible(tmp_path):
 def test_killed_registration_leaves_no_version(tmp_path):
     """SIGKILL a registration in the middle of its copy: no version may be visible afterwards."""
     src = fake_saved_model(tmp_path / "big")
-    for i in range(400):
-        (src / "variables" / f"shard-{i}").write_bytes(b"0" * 200_000)
+    for i in range(1500):  # big enough that the copy is still running when the kill lands
+        (src / "variables" / f"shard-{i}").write_bytes(b"0" * 100_000)
     code = ("import sys; from captioner.registry import ModelRepository; "
             "ModelRepository(sys.argv[1]).publish('captioner', sys.argv[2], {})")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "repo"), str(src)])
