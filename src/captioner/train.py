@@ -352,9 +352,14 @@ def train_model(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, stor
                               first_epoch=len(history))
     dev_ds = input_pipeline(dev, 256, shuffle=False, seed=0)
     callbacks = _callbacks(cfg, model_dir, tracker, dev, dataset.split_captions("dev"), tokenizer, progress)
-    if cfg.train.epochs > 0:
+    # A run whose training finished (even by early stopping) but failed later, e.g. at export,
+    # must not train again when it is resumed.
+    finished = model_dir / CHECKPOINT_DIR / "TRAINING_FINISHED"
+    if cfg.train.epochs > 0 and not finished.is_file():
         model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks,
                   verbose=2 if progress else 0)
+    finished.parent.mkdir(parents=True, exist_ok=True)
+    finished.write_text(f"{len(tracker.history())} epochs\n")
     best = model_dir / CHECKPOINT_DIR / "best.weights.h5"
     if best.is_file():
         model.load_weights(str(best))

@@ -106,3 +106,20 @@ def test_caption_reports_an_undecodable_image(smoke_run, tmp_path, capsys):
     code, err = _cli_error(capsys, ["caption", "--model", str(out / "saved_model"), str(bad)])
     assert code == 2 and "bad.png" in err
 
+
+
+def test_finished_training_is_not_repeated_on_rerun(tmp_path):
+    """A run that trained to the end but failed afterwards (say, at export) resumes without training."""
+    from captioner.config import load_config
+    from captioner.train import train_model
+    from captioner.workflow import extract_step, load_data, tokenize_step
+
+    cfg = load_config("smoke", ["train.epochs=2"])
+    data = load_data(cfg)
+    tokenizer = tokenize_step(cfg, data, tmp_path)
+    store = extract_step(cfg, data, progress=False)
+    train_model(cfg, data, tokenizer, store, tmp_path, progress=False)
+    before = (tmp_path / "metrics.csv").read_text()
+    train_model(cfg, data, tokenizer, store, tmp_path, progress=False)
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert (tmp_path / "model.weights.h5").is_file()
