@@ -63,6 +63,9 @@ def loss_curves_svg(rows: Sequence[dict[str, Any]], width: int = 420, height: in
     colours = {"train_loss": "#1f77b4", "val_loss": "#d62728"}
     lines = [f'<polyline fill="none" stroke="{colours[k]}" stroke-width="2" '
              f'points="{" ".join(xy(e, v) for e, v in s)}"/>' for k, s in series.items() if s]
+    # Points too, so that a one-epoch run still shows something.
+    lines += [f'<circle r="3" fill="{colours[k]}" cx="{xy(e, v).split(",")[0]}" cy="{xy(e, v).split(",")[1]}"/>'
+              for k, s in series.items() for e, v in s]
     legend = " ".join(f'<tspan fill="{colours[k]}">{k}</tspan>' for k in series)
     return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
             f'<rect width="100%" height="100%" fill="white" stroke="#ccc"/>{"".join(lines)}'
