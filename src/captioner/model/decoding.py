@@ -34,6 +34,14 @@ def _state_invariant(state) -> tf.TensorShape:
     return tf.TensorShape([None] * state.shape.rank)
 
 
+def _no_empty_caption(log_probs, t):
+    """At the first position <end> is not allowed: an empty caption is never the answer (an
+    undertrained model, or beam search's bias to short outputs, would otherwise produce one)."""
+    vocab = tf.shape(log_probs)[-1]
+    block = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)
+    return log_probs + tf.where(tf.equal(t, 0), block, tf.zeros_like(block))[None]
+
+
 def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regions: int) -> dict:
     """Returns ``tokens [B, T]`` (ending with <end> or cut at max_length), ``scores [B]``,
     ``lengths [B]`` and ``attention [B, T, N]``."""
@@ -51,7 +59,7 @@ def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regio
 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
         log_probs, att, state = step_fn(last, state)
-        log_probs = tf.cast(log_probs, tf.float32)
+        log_probs = _no_empty_caption(tf.cast(log_probs, tf.float32), t)
         token = tf.cast(tf.argmax(log_probs, axis=-1), tf.int32)
         token = tf.where(finished, PAD_ID, token)
         gain = tf.gather(log_probs, token, batch_dims=1)
@@ -99,7 +107,8 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
         log_probs, att, state = step_fn(last, state)
         vocab = tf.shape(log_probs)[-1]
-        log_probs = tf.reshape(tf.cast(log_probs, tf.float32), [batch_size, k, vocab])
+        log_probs = _no_empty_caption(tf.cast(log_probs, tf.float32), t)
+        log_probs = tf.reshape(log_probs, [batch_size, k, vocab])
         special = tf.one_hot([PAD_ID, START_ID], vocab, on_value=NEG_INF, off_value=0.0)
         log_probs += tf.reduce_sum(special, axis=0)
         # A finished beam continues with <pad> at no cost and nothing else.
