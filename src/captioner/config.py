@@ -150,6 +150,7 @@ class Config:
              f"must be divisible by model.num_heads ({self.model.num_heads})"),
             (self.decode.beam_size >= 1, "decode.beam_size", "must be >= 1"),
             (self.decode.max_length >= 2, "decode.max_length", "must be >= 2"),
+            (self.decode.length_penalty >= 0, "decode.length_penalty", "must be >= 0"),
             (self.tokenizer.max_length >= 3, "tokenizer.max_length", "must be >= 3"),
             (self.tokenizer.min_count >= 1, "tokenizer.min_count", "must be >= 1"),
             (self.tokenizer.max_size > 4, "tokenizer.max_size", "must be > 4 (the special tokens)"),

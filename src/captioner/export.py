@@ -5,8 +5,9 @@ Signatures (names in ``captioner.constants``):
 * ``serving_default``: ``image_bytes [B]`` (encoded JPEG/PNG/GIF/BMP) -> ``captions [B]``, ``scores [B]``,
   ``nbest_captions [B, K]``, ``nbest_scores [B, K]``; decoding and beam search run in-graph with
   stock TensorFlow ops only (no ``py_function``, no custom ops).
-* ``encode``: ``images [B, S, S, 3]`` uint8 (already preprocessed) -> ``features [B, N, d]``.
-* ``decode_step``: ``features [B, N, d]``, ``tokens [B]`` (previous token), ``state [B, 2L, t, d]``
+* ``encode``: ``images [B, S, S, 3]`` uint8 (already preprocessed) -> ``features [B, N, 2Ld]`` (every
+  decoder layer's cross-attention keys and values of the image, computed once per image).
+* ``decode_step``: ``features [B, N, 2Ld]``, ``tokens [B]`` (previous token), ``state [B, 2L, t, d]``
   -> ``log_probs [B, V]``, ``attention [B, N]``, ``state [B, 2L, t+1, d]``; the initial state has t = 0.
 * ``metadata``: -> ``metadata_json`` (input size, vocabulary size, backbone, metrics, ...) and ``vocab [V]``.
 
@@ -104,10 +105,11 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=C.IN_IMAGES)])
         def encode(self, images):
-            return {C.OUT_FEATURES: tf.cast(self._memory(images), tf.float32)}
+            memory = self._memory(images)
+            return {C.OUT_FEATURES: tf.cast(self._keras.model.cross_memory(memory), tf.float32)}
 
         @tf.function(input_signature=[
-            tf.TensorSpec([None, regions, d], tf.float32, name=C.IN_FEATURES),
+            tf.TensorSpec([None, regions, 2 * layers * d], tf.float32, name=C.IN_FEATURES),
             tf.TensorSpec([None], tf.int32, name=C.IN_TOKENS),
             tf.TensorSpec([None, 2 * layers, None, d], tf.float32, name=C.IN_STATE)])
         def decode_step(self, features, tokens, state):
@@ -162,6 +164,7 @@ def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | s
         "input_size": cfg.features.image_size, "vocab_size": tokenizer.vocab_size,
         "backbone": cfg.features.backbone, "weights": cfg.features.weights,
         "num_regions": model.num_regions, "d_model": model.cfg.d_model, "num_layers": model.num_layers,
+        "feature_dim": 2 * model.num_layers * model.cfg.d_model,
         "state_shape": [None, 2 * model.num_layers, None, model.cfg.d_model],
         "special_tokens": list(C.SPECIAL_TOKENS), "beam_size": cfg.decode.beam_size,
         "max_length": cfg.decode.max_length, "length_penalty": cfg.decode.length_penalty,

@@ -74,7 +74,7 @@ def test_encode_and_decode_step_signatures(smoke_run):
     sig, result = _session_run(out / "saved_model", C.SIG_ENCODE,
                                {C.IN_IMAGES: np.zeros((2, size, size, 3), np.uint8)})
     features = result[C.OUT_FEATURES]
-    assert features.shape == (2, 64, cfg.model.d_model)
+    assert features.shape == (2, 64, 2 * cfg.model.num_layers * cfg.model.d_model)
     state = np.zeros((2, 2 * cfg.model.num_layers, 0, cfg.model.d_model), np.float32)
     _, step = _session_run(out / "saved_model", C.SIG_DECODE_STEP,
                            {C.IN_FEATURES: features, C.IN_TOKENS: np.array([1, 1], np.int32), C.IN_STATE: state})

@@ -59,9 +59,9 @@ def test_step_by_step_equals_teacher_forcing(model):
     memory = model.encode(features)
     tokens = tf.constant([[1, 7, 9, 11, 13], [1, 4, 5, 6, 8]])
     full = tf.nn.log_softmax(model.decode(memory, tokens), axis=-1)
-    state = model.initial_state(2)
+    state, cross = model.initial_state(2), model.cross_memory(memory)
     for t in range(tokens.shape[1]):
-        log_probs, attention, state = model.step(memory, tokens[:, t], state)
+        log_probs, attention, state = model.step(cross, tokens[:, t], state)
         np.testing.assert_allclose(log_probs.numpy(), full[:, t].numpy(), atol=1e-4)
         np.testing.assert_allclose(attention.numpy().sum(-1), 1.0, atol=1e-5)
     assert state.shape == (2, 4, 5, 32)
@@ -80,7 +80,8 @@ def test_batched_beams_equal_one_image_at_a_time(model):
 def test_a_beam_of_one_is_greedy(model):
     memory = model.encode(tf.constant(np.random.default_rng(3).normal(size=(3, 9, 12)), tf.float32))
     greedy = decode(model, memory, beam_size=1, max_length=8)
-    one = beam_search(lambda tok, st: model.step(memory, tok, st), model.initial_state(3), 3, 1, 8, 9,
+    cross = model.cross_memory(memory)
+    one = beam_search(lambda tok, st: model.step(cross, tok, st), model.initial_state(3), 3, 1, 8, 9,
                       length_penalty=0.0)
     steps = greedy["tokens"].shape[2]
     np.testing.assert_array_equal(one["tokens"][:, :, :steps].numpy(), greedy["tokens"].numpy())
@@ -98,5 +99,5 @@ def test_mixed_precision_model_decodes_in_float32():
         keras.mixed_precision.set_dtype_policy("float32")
     assert mp.project.compute_dtype == "float16"
     memory = mp.encode(tf.random.normal([2, 9, 12]))
-    log_probs, attention, state = mp.step(memory, tf.constant([1, 1]), mp.initial_state(2))
+    log_probs, attention, state = mp.step(mp.cross_memory(memory), tf.constant([1, 1]), mp.initial_state(2))
     assert log_probs.dtype == tf.float32 and np.isfinite(log_probs.numpy()).all()

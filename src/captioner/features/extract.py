@@ -9,6 +9,7 @@ never read. Decoding (Pillow, in threads that release the GIL) overlaps with the
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
 from captioner.data.images import load_image
 from captioner.errors import DataError
-from captioner.io_utils import atomic_write_bytes, atomic_write_json
+from captioner.io_utils import atomic_write_json
 
 FLIP_SUFFIX = "#flip"
 
@@ -76,12 +77,13 @@ class FeatureStore:
 
     def append(self, keys: Sequence[str], features: np.ndarray) -> None:
         number = 1 + max((s for s, _ in self.index.values()), default=-1)
-        name = f"shard-{number:05d}.npy"
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, features.astype(np.float16))
-        atomic_write_bytes(self.folder / name, buffer.getvalue())
+        path = self.folder / f"shard-{number:05d}.npy"
+        # Written under a temporary name and renamed: a shard is whole or absent. No fsync: this is
+        # a cache that can be rebuilt, and syncing ~100 MB shards costs a good part of the run.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as handle:
+            np.save(handle, features.astype(np.float16, copy=False))
+        os.replace(tmp, path)
         for row, key in enumerate(keys):
             self.index[key] = [number, row]
         atomic_write_json(self.folder / FEATURES_INDEX, {"rows": self.index})
@@ -125,12 +127,19 @@ def _batches(items: Sequence[tuple[str, Path, bool]], size: int, image_size: int
 
 
 def backbone_fn(backbone, batch_size: int):
-    """A compiled call of the backbone on fixed-size batches (padding the last) to avoid retracing."""
+    """A compiled call of the backbone on fixed-size batches (padding the last) to avoid retracing.
+
+    The compiled function is kept on the backbone, so later extractions in the process reuse it.
+    """
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
-    def run(pixels):
-        return backbone(tf.cast(pixels, tf.float32), training=False)
+    run = getattr(backbone, "_captioner_compiled", None)
+    if run is None:
+        @tf.function(reduce_retracing=True)
+        def run(pixels):
+            return backbone(tf.cast(pixels, tf.float32), training=False)
+
+        backbone._captioner_compiled = run
 
     def call(pixels: np.ndarray) -> np.ndarray:
         n = len(pixels)

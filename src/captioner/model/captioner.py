@@ -79,20 +79,29 @@ class CaptionModel(keras.Model):
         return self.decode(self.encode(features, training=training), tokens, training=training)
 
     # -- one decoding step ----------------------------------------------------------------------
+    def cross_memory(self, memory):
+        """Every decoder layer's cross-attention keys and values of the image, computed once per
+        image instead of once per generated word: ``memory [B, N, d]`` -> ``[B, N, 2 * layers * d]``."""
+        return tf.concat([layer.cross_attn.kv(memory) for layer in self.decoders], axis=-1)
+
     def initial_state(self, batch_size):
         """Empty self-attention cache ``[B, 2 * layers, 0, d]`` (keys and values of every layer)."""
         return tf.zeros([batch_size, 2 * self.num_layers, 0, self.cfg.d_model], self.compute_dtype)
 
-    def step(self, memory, tokens, state):
-        """``tokens [B]`` at position ``t = state.shape[2]`` -> ``(log_probs [B,V], attention [B,N], state)``."""
+    def step(self, cross, tokens, state):
+        """One position. ``cross`` is ``cross_memory(memory)``; ``tokens [B]`` sits at position
+        ``t = state.shape[2]``. Returns ``(log_probs [B, V], attention [B, N], state [B, 2L, t+1, d])``."""
+        d = self.cfg.d_model
         t = tf.shape(state)[2]
         x = self._embed(tokens[:, None], start=t)
         state = tf.cast(state, self.compute_dtype)
+        cross = tf.cast(cross, self.compute_dtype)
         new_caches = []
         attention = None
         for i, layer in enumerate(self.decoders):
-            x, attention, k, v = layer.step(x, memory, state[:, 2 * i], state[:, 2 * i + 1])
-            new_caches += [k, v]
+            k, v = cross[..., 2 * i * d:(2 * i + 1) * d], cross[..., (2 * i + 1) * d:(2 * i + 2) * d]
+            x, attention, k_new, v_new = layer.step(x, k, v, state[:, 2 * i], state[:, 2 * i + 1])
+            new_caches += [k_new, v_new]
         log_probs = tf.nn.log_softmax(self._logits(x)[:, 0], axis=-1)
         return log_probs, attention[:, 0], tf.stack(new_caches, axis=1)
 

@@ -34,12 +34,14 @@ def _state_invariant(state) -> tf.TensorShape:
     return tf.TensorShape([None] * state.shape.rank)
 
 
-def _no_empty_caption(log_probs, t):
-    """At the first position <end> is not allowed: an empty caption is never the answer (an
-    undertrained model, or beam search's bias to short outputs, would otherwise produce one)."""
+def _mask_invalid(log_probs, t):
+    """<pad> and <start> are never generated, and <end> not at the first position: an empty caption
+    is never the answer (an undertrained model, or beam search's bias to short outputs, would
+    otherwise produce one)."""
     vocab = tf.shape(log_probs)[-1]
-    block = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)
-    return log_probs + tf.where(tf.equal(t, 0), block, tf.zeros_like(block))[None]
+    never = tf.reduce_sum(tf.one_hot([PAD_ID, START_ID], vocab, on_value=NEG_INF, off_value=0.0), axis=0)
+    first = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)
+    return log_probs + (never + tf.where(tf.equal(t, 0), first, tf.zeros_like(first)))[None]
 
 
 def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regions: int) -> dict:
@@ -59,7 +61,7 @@ def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regio
 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
         log_probs, att, state = step_fn(last, state)
-        log_probs = _no_empty_caption(tf.cast(log_probs, tf.float32), t)
+        log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
         token = tf.cast(tf.argmax(log_probs, axis=-1), tf.int32)
         token = tf.where(finished, PAD_ID, token)
         gain = tf.gather(log_probs, token, batch_dims=1)
@@ -100,17 +102,26 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
     finished = tf.zeros([batch_size, k], tf.bool)
     lengths = tf.zeros([batch_size, k], tf.int32)
     base = tf.range(batch_size)[:, None] * k
+    best_possible_divisor = length_normalizer(max_length, length_penalty)
+
+    def settled(scores, finished, lengths):
+        """Per image: its best finished caption can no longer be beaten. A live beam's log-probability
+        only falls as it grows, so its best normalised score is at most score / penalty(max_length)
+        (length_penalty >= 0). A settled image is frozen, so each image's result is the same whether
+        it is decoded alone or in a batch."""
+        done = tf.where(finished, scores / length_normalizer(tf.maximum(lengths, 1), length_penalty), NEG_INF * 2)
+        live = tf.where(finished, NEG_INF * 2, scores / best_possible_divisor)
+        return tf.reduce_max(done, axis=1) >= tf.reduce_max(live, axis=1)
 
     def cond(t, last, state, tokens, attention, scores, finished, lengths):
-        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
+        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(settled(scores, finished, lengths))))
 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
+        finished = tf.logical_or(finished, settled(scores, finished, lengths)[:, None])
         log_probs, att, state = step_fn(last, state)
         vocab = tf.shape(log_probs)[-1]
-        log_probs = _no_empty_caption(tf.cast(log_probs, tf.float32), t)
+        log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
         log_probs = tf.reshape(log_probs, [batch_size, k, vocab])
-        special = tf.one_hot([PAD_ID, START_ID], vocab, on_value=NEG_INF, off_value=0.0)
-        log_probs += tf.reduce_sum(special, axis=0)
         # A finished beam continues with <pad> at no cost and nothing else.
         pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
         log_probs = tf.where(finished[:, :, None], pad_only[None, None], log_probs)
@@ -156,12 +167,13 @@ def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: fl
     """
     batch = tf.shape(memory)[0]
     regions = memory.shape[1]
+    cross = model.cross_memory(memory)
     if beam_size == 1:
-        out = greedy_search(lambda tok, st: model.step(memory, tok, st), model.initial_state(batch),
+        out = greedy_search(lambda tok, st: model.step(cross, tok, st), model.initial_state(batch),
                             batch, max_length, regions)
         return {"tokens": out["tokens"][:, None], "scores": out["scores"][:, None],
                 "log_probs": out["scores"][:, None], "lengths": out["lengths"][:, None],
                 "attention": out["attention"][:, None]}
-    tiled = tile_beams(memory, beam_size)
+    tiled = tile_beams(cross, beam_size)
     return beam_search(lambda tok, st: model.step(tiled, tok, st), model.initial_state(batch * beam_size),
                        batch, beam_size, max_length, regions, length_penalty)

@@ -110,13 +110,14 @@ class DecoderLayer(keras.layers.Layer):
         x = x + self.drop(h, training=training)
         return x + self.ff(self.norm3(x), training=training), attention
 
-    def step(self, x, memory, k_cache, v_cache):
-        """One position: ``x [B,1,d]`` and caches ``[B,t,d]`` -> ``(x, attention [B,1,N], k, v)``."""
+    def step(self, x, cross_k, cross_v, k_cache, v_cache):
+        """One position: ``x [B,1,d]``, the image's precomputed cross-attention keys/values ``[B,N,d]``
+        and the self-attention caches ``[B,t,d]`` -> ``(x, attention [B,1,N], k, v)``."""
         h = self.norm1(x)
         k, v = self.self_attn.project_kv(h)
         k = tf.concat([k_cache, k], axis=1)
         v = tf.concat([v_cache, v], axis=1)
         x = x + self.self_attn.attend(h, k, v)[0]
-        h, attention = self.cross_attn(self.norm2(x), memory)
+        h, attention = self.cross_attn.attend(self.norm2(x), cross_k, cross_v)
         x = x + h
         return x + self.ff(self.norm3(x)), attention, k, v
