@@ -103,17 +103,15 @@ def bench_latency(saved_model: Path, image: Path, repeats: int) -> dict:
     runner = SavedModelCaptioner(saved_model)
     pixels = load_image(image, runner.image_size)[None]
 
-    def median_ms(beam: int) -> float:
-        runner.caption_pixels(pixels, beam_size=beam)  # trace
-        times = []
-        for _ in range(repeats):
+    for beam in (1, 3, 1, 3):  # trace both, warm up
+        runner.caption_pixels(pixels, beam_size=beam)
+    times: dict[int, list[float]] = {1: [], 3: []}
+    for _ in range(repeats):  # interleaved, so that drift in the machine's speed hits both alike
+        for beam in (1, 3):
             start = time.perf_counter()
             runner.caption_pixels(pixels, beam_size=beam)
-            times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times)
-
-    greedy, beam = median_ms(1), median_ms(3)
-    greedy = (greedy + median_ms(1)) / 2
+            times[beam].append((time.perf_counter() - start) * 1000)
+    greedy, beam = statistics.median(times[1]), statistics.median(times[3])
     return {"image": image.name, "repeats": repeats, "greedy_ms_p50": round(greedy, 2),
             "beam3_ms_p50": round(beam, 2), "ratio": round(beam / greedy, 3),
             "caption_greedy": runner.caption_pixels(pixels, beam_size=1)[0].caption,
@@ -130,7 +128,7 @@ def main() -> None:
     parser.add_argument("--saved-model", type=Path, default=None, help="exported model for the latency figure")
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--only", choices=["extraction", "pipeline", "latency"], action="append")
     args = parser.parse_args()
 

@@ -114,10 +114,9 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
         return tf.reduce_max(done, axis=1) >= tf.reduce_max(live, axis=1)
 
     def cond(t, last, state, tokens, attention, scores, finished, lengths):
-        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(settled(scores, finished, lengths))))
+        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
-        finished = tf.logical_or(finished, settled(scores, finished, lengths)[:, None])
         log_probs, att, state = step_fn(last, state)
         vocab = tf.shape(log_probs)[-1]
         log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
@@ -132,6 +131,7 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
         was_finished = tf.gather(finished, beam, batch_dims=1)
         lengths = tf.gather(lengths, beam, batch_dims=1) + tf.cast(tf.logical_not(was_finished), tf.int32)
         finished = tf.logical_or(was_finished, tf.equal(token, END_ID))
+        finished = tf.logical_or(finished, settled(scores, finished, lengths)[:, None])
         flat_token = tf.reshape(token, [-1])
         tokens = tf.concat([tf.gather(tokens, source), flat_token[:, None]], axis=1)
         att = tf.gather(tf.cast(att, tf.float32), source)
