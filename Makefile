@@ -50,8 +50,13 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Needs a trained Flickr8k model: SAVED_MODEL=runs/f8k/saved_model make bench
+SAVED_MODEL ?= runs/f8k/saved_model
 bench: setup
-	$(BIN)/python benchmarks/bench_speed.py
+	$(BIN)/python benchmarks/bench_speed.py --config flickr8k --set data.root=$(SHARED)/data/flickr8k \
+	  --saved-model $(SAVED_MODEL)
+	$(BIN)/python benchmarks/bench_gateway.py --saved-model $(SAVED_MODEL) \
+	  --image $(SHARED)/data/flickr8k/images/3385593926_d3e9c21170.jpg
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
