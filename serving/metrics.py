@@ -1,6 +1,6 @@
 """Prometheus metrics of the gateway, correct under several gunicorn workers.
 
-With ``PROMETHEUS_MULTIPROCESS_DIR`` set (``captioner serve`` sets it when it starts more than one
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``captioner serve`` sets it when it starts more than one
 worker), every worker writes its samples there and ``/metrics`` aggregates them; otherwise a
 registry of this process is used.
 """
@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 
 class GatewayMetrics:
     def __init__(self):
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROCESS_DIR"))
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # Per-app registry: tests create several apps in one process.
         self.registry = None if self.multiprocess else CollectorRegistry()
         kw = {} if self.multiprocess else {"registry": self.registry}

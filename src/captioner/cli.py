@@ -376,13 +376,19 @@ def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, po
                                  backend=backend, tfserving_target=tfserving_target)
     if workers > 1:
         # Prometheus samples of all workers are aggregated through this folder.
-        os.environ.setdefault("PROMETHEUS_MULTIPROCESS_DIR", tempfile.mkdtemp(prefix="captioner-prometheus-"))
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-prometheus-"))
+
+    def _child_exit(server, worker):
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)  # drop a dead worker's live gauges
 
     class Gateway(BaseApplication):
         def load_config(self):
             for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
                                "worker_class": "gthread", "timeout": 120, "accesslog": None,
-                               "graceful_timeout": 30}.items():
+                               "graceful_timeout": 30, "child_exit": _child_exit}.items():
                 self.cfg.set(key, value)
 
         def load(self):

@@ -273,3 +273,41 @@ def test_fuzz_never_5xx(client):
         statuses[status] = statuses.get(status, 0) + 1
         assert status < 500, name
     assert set(statuses) <= {200, 413, 415, 422}
+
+
+def test_served_by_gunicorn_with_metrics_over_two_workers(repo, test_images):
+    """`captioner serve --workers 2`: /metrics adds up the requests that both workers served."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    server = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--model-repo", str(repo),
+                               "--port", str(port), "--workers", "2", "--threads", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        data = jpeg(test_images[0])
+        for _ in range(10):
+            response = requests.post(url + "/predict", files={"file": ("a.jpg", data)}, timeout=60)
+            assert response.status_code == 200
+        text = requests.get(url + "/metrics", timeout=10).text
+        line = next(x for x in text.splitlines()
+                    if x.startswith('captioner_requests_total{endpoint="/predict",method="POST",status="200"}'))
+        assert float(line.split()[-1]) == 10.0
+    finally:
+        server.terminate()
+        server.wait(30)
