@@ -32,14 +32,6 @@ from captioner.config import Config
 from captioner.io_utils import atomic_directory
 
 
-def _decode_image(data, size: int):
-    import tensorflow as tf
-
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
 def give_variables_unique_names(*models) -> None:
     """Re-create the TF variables under their unique Keras paths.
 
@@ -70,6 +62,7 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
     vocab_tokens = Path(vocab_txt).read_text(encoding="utf-8").splitlines()
     import tensorflow as tf
 
+    from captioner.data.images import decode_image_tf
     from captioner.data.tokenizer import id_to_token_table, ids_to_text
     from captioner.model.decoding import decode
 
@@ -93,7 +86,7 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=C.IN_IMAGE_BYTES)])
         def serve(self, image_bytes):
-            images = tf.map_fn(lambda b: _decode_image(b, size), image_bytes,
+            images = tf.map_fn(lambda b: decode_image_tf(b, size), image_bytes,
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
             out = decode(self._keras.model, self._memory(images), beam_size=beam, max_length=max_length,
                          length_penalty=alpha)

@@ -83,7 +83,7 @@ def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int,
     tiled = tile_beams(features, beam_size) if beam_size > 1 else features
     state = tf.zeros([batch * beam_size, state_shape[1], 0, state_shape[3]], tf.float32)
 
-    def step_fn(tokens, state):
+    def step_fn(tokens, state, t):
         return step(tiled, tokens, state)
 
     if beam_size == 1:

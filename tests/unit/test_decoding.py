@@ -20,7 +20,7 @@ TABLE[5, [2]] = [1.0]
 LOG = tf.constant(np.log(TABLE / TABLE.sum(1, keepdims=True)), tf.float32)
 
 
-def markov_step(tokens, state):
+def markov_step(tokens, state, t=None):
     rows = tf.shape(tokens)[0]
     attention = tf.one_hot(tf.fill([rows], 0), 4)
     return tf.gather(LOG, tokens), attention, state
@@ -81,7 +81,7 @@ def test_a_beam_of_one_is_greedy(model):
     memory = model.encode(tf.constant(np.random.default_rng(3).normal(size=(3, 9, 12)), tf.float32))
     greedy = decode(model, memory, beam_size=1, max_length=8)
     cross = model.cross_memory(memory)
-    one = beam_search(lambda tok, st: model.step(cross, tok, st), model.initial_state(3), 3, 1, 8, 9,
+    one = beam_search(lambda tok, st, t: model.step(cross, tok, st, t), model.initial_state(3), 3, 1, 8, 9,
                       length_penalty=0.0)
     steps = greedy["tokens"].shape[2]
     np.testing.assert_array_equal(one["tokens"][:, :, :steps].numpy(), greedy["tokens"].numpy())

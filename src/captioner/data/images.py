@@ -95,3 +95,12 @@ def load_image(source: bytes | str | Path, size: int, *, max_pixels: int = DEFAU
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}", path=where) from exc
 
+
+
+def decode_image_tf(data, size: int):
+    """In-graph decode of one encoded image (a scalar string tensor) to ``[size, size, 3]`` uint8."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

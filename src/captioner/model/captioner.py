@@ -84,11 +84,11 @@ class CaptionModel(keras.Model):
         image instead of once per generated word: ``memory [B, N, d]`` -> ``[B, N, 2 * layers * d]``."""
         return tf.concat([layer.cross_attn.kv(memory) for layer in self.decoders], axis=-1)
 
-    def initial_state(self, batch_size):
+    def initial_state(self, batch_size, max_length: int | None = None):
         """Empty self-attention cache ``[B, 2 * layers, 0, d]`` (keys and values of every layer)."""
         return tf.zeros([batch_size, 2 * self.num_layers, 0, self.cfg.d_model], self.compute_dtype)
 
-    def step(self, cross, tokens, state):
+    def step(self, cross, tokens, state, position=None):
         """One position. ``cross`` is ``cross_memory(memory)``; ``tokens [B]`` sits at position
         ``t = state.shape[2]``. Returns ``(log_probs [B, V], attention [B, N], state [B, 2L, t+1, d])``."""
         d = self.cfg.d_model

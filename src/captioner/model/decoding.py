@@ -7,8 +7,9 @@ The same code runs three ways, so the three cannot drift apart:
 * in the gateway, eagerly, with a step function that calls the SavedModel's ``decode_step``
   signature in-process or over TF Serving's gRPC API.
 
-``step_fn(tokens [M], state) -> (log_probs [M, V], attention [M, N], state)`` where ``M`` is the
-number of rows being decoded (batch x beams); ``state`` is any tensor whose first axis is ``M``.
+``step_fn(tokens [M], state, t) -> (log_probs [M, V], attention [M, N], state)`` where ``M`` is the
+number of rows being decoded (batch x beams), ``t`` the position (scalar int32) of ``tokens`` and
+``state`` any tensor whose first axis is ``M``.
 All beams of a batch are decoded in one ``step_fn`` call per position.
 """
 
@@ -20,7 +21,7 @@ import tensorflow as tf
 
 from captioner.constants import END_ID, PAD_ID, START_ID
 
-StepFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
+StepFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
 NEG_INF = -1e9
 
 
@@ -60,7 +61,7 @@ def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regio
         return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
-        log_probs, att, state = step_fn(last, state)
+        log_probs, att, state = step_fn(last, state, t)
         log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
         token = tf.cast(tf.argmax(log_probs, axis=-1), tf.int32)
         token = tf.where(finished, PAD_ID, token)
@@ -117,7 +118,7 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
         return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
 
     def body(t, last, state, tokens, attention, scores, finished, lengths):
-        log_probs, att, state = step_fn(last, state)
+        log_probs, att, state = step_fn(last, state, t)
         vocab = tf.shape(log_probs)[-1]
         log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
         log_probs = tf.reshape(log_probs, [batch_size, k, vocab])
@@ -169,11 +170,11 @@ def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: fl
     regions = memory.shape[1]
     cross = model.cross_memory(memory)
     if beam_size == 1:
-        out = greedy_search(lambda tok, st: model.step(cross, tok, st), model.initial_state(batch),
+        out = greedy_search(lambda tok, st, t: model.step(cross, tok, st, t), model.initial_state(batch, max_length),
                             batch, max_length, regions)
         return {"tokens": out["tokens"][:, None], "scores": out["scores"][:, None],
                 "log_probs": out["scores"][:, None], "lengths": out["lengths"][:, None],
                 "attention": out["attention"][:, None]}
     tiled = tile_beams(cross, beam_size)
-    return beam_search(lambda tok, st: model.step(tiled, tok, st), model.initial_state(batch * beam_size),
+    return beam_search(lambda tok, st, t: model.step(tiled, tok, st, t), model.initial_state(batch * beam_size, max_length),
                        batch, beam_size, max_length, regions, length_penalty)
