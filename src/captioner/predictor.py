@@ -28,9 +28,11 @@ class Caption:
     words: list[str] = field(default_factory=list)
     # Per-word attention over the image regions: [len(words), N]; None unless asked for.
     attention: np.ndarray | None = None
+    # False when no caption ended within max_length: this one (and every n-best entry) was cut there.
+    finished: bool = True
 
     def to_dict(self, with_attention: bool = False) -> dict[str, Any]:
-        out = {"caption": self.caption, "score": self.score,
+        out = {"caption": self.caption, "score": self.score, "finished": self.finished,
                "nbest": [{"caption": c, "score": s} for c, s in self.nbest]}
         if with_attention and self.attention is not None:
             out["words"] = self.words
@@ -39,19 +41,24 @@ class Caption:
 
 
 def results_from_decode(out: dict, vocab: Sequence[str], with_attention: bool = False) -> list[Caption]:
-    """Turn ``decode`` output (``[B, K, T]`` tokens etc.) into ``Caption`` objects, best first."""
+    """Turn ``decode`` output (``[B, K, T]`` tokens etc., best first) into ``Caption`` objects.
+
+    The n-best list holds only the captions that ended with <end> when any did; otherwise it holds
+    the captions cut at max_length, and the result says ``finished=False``.
+    """
     tokens = np.asarray(out["tokens"])
     scores = np.asarray(out["scores"])
+    # Decoder outputs without the flag (older callers): a caption finished if it holds <end>.
+    finished = (np.asarray(out["finished"], bool) if "finished" in out
+                else (tokens == C.END_ID).any(axis=-1))
     attention = np.asarray(out["attention"]) if with_attention else None
     results = []
     for b in range(tokens.shape[0]):
-        nbest = []
-        for k in range(tokens.shape[1]):
-            words = _words(tokens[b, k], vocab)
-            nbest.append((" ".join(words), float(scores[b, k])))
-        words = _words(tokens[b, 0], vocab)
-        att = attention[b, 0, : len(words)] if attention is not None else None
-        results.append(Caption(nbest[0][0], nbest[0][1], nbest, words, att))
+        keep = [k for k in range(tokens.shape[1]) if finished[b, k]] or list(range(tokens.shape[1]))
+        nbest = [(" ".join(_words(tokens[b, k], vocab)), float(scores[b, k])) for k in keep]
+        words = _words(tokens[b, keep[0]], vocab)
+        att = attention[b, keep[0], : len(words)] if attention is not None else None
+        results.append(Caption(nbest[0][0], nbest[0][1], nbest, words, att, bool(finished[b, keep[0]])))
     return results
 
 

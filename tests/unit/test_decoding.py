@@ -45,6 +45,150 @@ def test_beam_runs_in_graph_mode_too():
 def test_max_length_cuts_unfinished_captions():
     out = greedy_search(markov_step, tf.zeros([1, 1]), 1, 1, 4)
     assert out["tokens"].numpy().tolist() == [[3]] and out["lengths"].numpy().tolist() == [1]
+    assert out["finished"].numpy().tolist() == [False]
+    assert greedy_search(markov_step, tf.zeros([1, 1]), 1, 10, 4)["finished"].numpy().tolist() == [True]
+
+
+# Toy tables for beam search: next-token probabilities given the last token; any pair not listed
+# gets 1e-9. The state is each row's table index, so one batch can hold images with different tables.
+PAD, START, END = 0, 1, 2
+A, B, C, D, E, F, G, H, L, M, N, S, X, Y, Z = range(3, 18)
+VOCAB = 18
+
+
+def table(rows):
+    probs = np.full((VOCAB, VOCAB), 1e-9)
+    for prev, nxt in rows.items():
+        for token, p in nxt.items():
+            probs[prev, token] = p
+    return np.log(probs / probs.sum(1, keepdims=True))
+
+
+# Eviction: A <end> (0.2) finishes at t=1, then B C E and B C H (0.234, 0.216) both outscore it on raw
+# log-probability, so a search without a finished pool drops it and answers B C E <end> (0.1872).
+EVICT = table({START: {B: .5, A: .4, F: .1}, A: {END: .5, D: .4, G: .1}, B: {C: .9, F: .1},
+               C: {E: .52, H: .48}, E: {END: .8, F: .2}, H: {END: .6, E: .4}, D: {END: 1.0},
+               F: {END: 1.0}, G: {END: 1.0}})
+# A cheap loop: L and M follow each other with 0.98 and end with 0.02, so two looping beams always lead
+# every caption that ends; the only good caption is A <end> (0.18).
+LOOP = table({START: {L: .6, A: .3, B: .1}, A: {END: .6, L: .4}, L: {L: .5, M: .48, END: .02},
+              M: {M: .5, L: .48, END: .02}, B: {END: 1.0}})
+# Length penalty decides: S <end> (0.28, 2 tokens), L M Y <end> (0.2738, 4), L N Z <end> (0.2184, 4);
+# S <end> is outscored at t=1 by L M and L N (0.338, 0.312).
+PENALTY = table({START: {L: .65, S: .35}, S: {END: .8, X: .2}, X: {END: 1.0}, L: {M: .52, N: .48},
+                 M: {Y: .9, END: .1}, Y: {END: .9, X: .1}, N: {END: .3, Z: .7}, Z: {END: 1.0}})
+# <end> never makes the best 2k candidates: nothing finishes.
+NO_END = table({START: {L: .7, M: .3}, L: {L: .6, M: .4}, M: {L: .4, M: .6}})
+TABLES = tf.constant(np.stack([EVICT, LOOP, PENALTY, NO_END]), tf.float32)
+EVICT_ID, LOOP_ID, PENALTY_ID, NO_END_ID = range(4)
+
+
+def table_step(tokens, state, t):
+    log_probs = tf.gather_nd(TABLES, tf.stack([state[:, 0], tokens], axis=-1))
+    return log_probs, tf.one_hot(tokens % 4, 4), state
+
+
+def beams(tables, k=2, max_length=12, alpha=0.0):
+    state = tf.repeat(tf.constant(tables, tf.int32)[:, None], k, axis=0)
+    out = beam_search(table_step, state, len(tables), k, max_length, 4, length_penalty=alpha)
+    return {key: value.numpy() for key, value in out.items()}
+
+
+def caption(out, b, k):
+    """Tokens of result k of image b up to and including <end>."""
+    ids = out["tokens"][b, k].tolist()
+    return ids[: ids.index(END) + 1] if END in ids else [i for i in ids if i != PAD]
+
+
+def lp(length, alpha):
+    return ((5 + length) / 6) ** alpha
+
+
+def test_a_finished_caption_is_never_evicted_by_live_beams():
+    out = beams([EVICT_ID])
+    assert [caption(out, 0, 0), caption(out, 0, 1)] == [[A, END], [B, C, E, END]]
+    assert out["scores"][0] == pytest.approx([math.log(.2), math.log(.5 * .9 * .52 * .8)], abs=1e-4)
+    assert out["finished"][0].tolist() == [True, True]
+    assert out["lengths"][0].tolist() == [2, 4]
+    # The padded tail of the shorter caption is <pad> with no attention.
+    assert out["tokens"][0, 0, 2:].tolist() == [PAD] * (out["tokens"].shape[2] - 2)
+    assert not out["attention"][0, 0, 2:].any() and out["attention"][0, 0, :2].sum() == pytest.approx(2)
+
+
+def test_a_cheap_loop_does_not_beat_a_finished_caption():
+    out = beams([LOOP_ID], max_length=12)
+    assert caption(out, 0, 0) == [A, END] and out["finished"][0].tolist() == [True, False]
+    assert out["scores"][0, 0] == pytest.approx(math.log(.18), abs=1e-4)
+    # Fewer than k finished: the place left is the best unfinished loop, cut at max_length.
+    assert out["tokens"][0, 1].tolist() == [L] * 12 and out["lengths"][0].tolist() == [2, 12]
+    assert out["scores"][0, 1] == pytest.approx(math.log(.6 * .5 ** 11), abs=1e-3)
+
+
+@pytest.mark.parametrize("alpha, expected", [
+    (0.0, [([S, END], .28, 2), ([L, M, Y, END], .65 * .52 * .9 * .9, 4)]),
+    (0.6, [([L, M, Y, END], .65 * .52 * .9 * .9, 4), ([S, END], .28, 2)]),
+    (1.0, [([L, M, Y, END], .65 * .52 * .9 * .9, 4), ([L, N, Z, END], .65 * .48 * .7, 4)]),
+])
+def test_length_penalty_ranks_finished_captions(alpha, expected):
+    # Normalised (alpha 0.6): S <end> -1.160, L M Y <end> -1.016, L N Z <end> -1.193;
+    # (alpha 1.0): -1.091, -0.864, -1.014.
+    out = beams([PENALTY_ID], alpha=alpha)
+    assert [caption(out, 0, k) for k in range(2)] == [e[0] for e in expected]
+    assert out["scores"][0] == pytest.approx([math.log(p) / lp(n, alpha) for _, p, n in expected], abs=1e-4)
+    assert out["log_probs"][0] == pytest.approx([math.log(p) for _, p, _ in expected], abs=1e-4)
+    assert out["finished"][0].all()
+
+
+def test_nothing_finished_returns_unfinished_captions_marked():
+    out = beams([NO_END_ID], max_length=5, alpha=0.6)
+    assert out["tokens"][0].tolist() == [[L] * 5, [L] * 4 + [M]]
+    assert out["finished"][0].tolist() == [False, False] and out["lengths"][0].tolist() == [5, 5]
+    assert out["scores"][0] == pytest.approx(
+        [math.log(.7 * .6 ** 4) / lp(5, .6), math.log(.7 * .6 ** 3 * .4) / lp(5, .6)], abs=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_batched_tables_equal_one_image_at_a_time(alpha):
+    images = [EVICT_ID, LOOP_ID, PENALTY_ID, NO_END_ID]
+    batched = beams(images, alpha=alpha)
+    if alpha == 0.0:
+        assert caption(batched, 0, 0) == [A, END]
+    for b, image in enumerate(images):
+        single = beams([image], alpha=alpha)
+        steps = single["tokens"].shape[2]
+        np.testing.assert_array_equal(batched["tokens"][b, :, :steps], single["tokens"][0])
+        assert not batched["tokens"][b, :, steps:].any() and not batched["attention"][b, :, steps:].any()
+        np.testing.assert_array_equal(batched["attention"][b, :, :steps], single["attention"][0])
+        for key in ("finished", "lengths"):
+            np.testing.assert_array_equal(batched[key][b], single[key][0])
+        for key in ("scores", "log_probs"):
+            np.testing.assert_allclose(batched[key][b], single[key][0], atol=1e-5)
+
+
+def test_beam_search_in_graph_mode_equals_eager():
+    images = [EVICT_ID, LOOP_ID, PENALTY_ID, NO_END_ID]
+    state = tf.repeat(tf.constant(images, tf.int32)[:, None], 2, axis=0)
+    run = tf.function(lambda s, n: beam_search(table_step, s, n, 2, 12, 4, length_penalty=0.6),
+                      input_signature=[tf.TensorSpec([None, 1], tf.int32), tf.TensorSpec([], tf.int32)])
+    graph = {key: value.numpy() for key, value in run(state, tf.constant(len(images))).items()}
+    eager = beams(images, alpha=0.6)
+    assert set(graph) == set(eager) == {"tokens", "scores", "log_probs", "lengths", "attention", "finished"}
+    for key in graph:
+        np.testing.assert_allclose(graph[key], eager[key], atol=1e-5)
+    assert graph["finished"].tolist() == [[True, True], [True, False], [True, True], [False, False]]
+
+
+def test_results_carry_only_finished_captions_and_mark_unfinished_ones():
+    from captioner.predictor import results_from_decode
+
+    vocab = ["<pad>", "<start>", "<end>", *"abcdefghlmnsxyz"]
+    loop, no_end = results_from_decode(beams([LOOP_ID, NO_END_ID], max_length=5), vocab, with_attention=True)
+    # The loop image: one caption finished, so the unfinished runner-up is not in the n-best list.
+    assert (loop.caption, loop.finished, [c for c, _ in loop.nbest]) == ("a", True, ["a"])
+    assert loop.attention.shape == (1, 4) and loop.to_dict()["finished"] is True
+    assert (no_end.caption, no_end.finished) == ("l l l l l", False)
+    assert [c for c, _ in no_end.nbest] == ["l l l l l", "l l l l m"]
+    assert no_end.to_dict()["finished"] is False
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +203,12 @@ def test_step_by_step_equals_teacher_forcing(model):
     memory = model.encode(features)
     tokens = tf.constant([[1, 7, 9, 11, 13], [1, 4, 5, 6, 8]])
     full = tf.nn.log_softmax(model.decode(memory, tokens), axis=-1)
-    state, cross = model.initial_state(2), model.cross_memory(memory)
+    state, cross = model.initial_state(2, 8), model.cross_memory(memory)  # 3 slots never written
     for t in range(tokens.shape[1]):
-        log_probs, attention, state = model.step(cross, tokens[:, t], state)
+        log_probs, attention, state = model.step(cross, tokens[:, t], state, tf.fill([2], t))
         np.testing.assert_allclose(log_probs.numpy(), full[:, t].numpy(), atol=1e-4)
         np.testing.assert_allclose(attention.numpy().sum(-1), 1.0, atol=1e-5)
-    assert state.shape == (2, 4, 5, 32)
+    assert state.shape == (2, 4, 8, 32)
 
 
 def test_batched_beams_equal_one_image_at_a_time(model):
@@ -77,16 +221,24 @@ def test_batched_beams_equal_one_image_at_a_time(model):
         np.testing.assert_allclose(single["scores"][0].numpy(), batched["scores"][i].numpy(), atol=1e-4)
 
 
-def test_a_beam_of_one_is_greedy(model):
+def test_a_beam_of_one_follows_greedy_and_keeps_the_best_ending(model):
+    """With one beam, the live beam is greedy's path (while greedy does not end), and the pool keeps the
+    best caption that ended on the way: greedy's own or that path cut short by <end>."""
     memory = model.encode(tf.constant(np.random.default_rng(3).normal(size=(3, 9, 12)), tf.float32))
-    greedy = decode(model, memory, beam_size=1, max_length=8)
+    greedy = {k: v.numpy()[:, 0] for k, v in decode(model, memory, beam_size=1, max_length=8).items()}
     cross = model.cross_memory(memory)
     one = beam_search(lambda tok, st, t: model.step(cross, tok, st, t), model.initial_state(3), 3, 1, 8, 9,
                       length_penalty=0.0)
-    steps = greedy["tokens"].shape[2]
-    np.testing.assert_array_equal(one["tokens"][:, :, :steps].numpy(), greedy["tokens"].numpy())
-    np.testing.assert_allclose(one["log_probs"].numpy(), greedy["log_probs"].numpy(), atol=1e-4)
+    one = {k: v.numpy()[:, 0] for k, v in one.items()}
+    for b in range(3):
+        path = greedy["tokens"][b, : greedy["lengths"][b]].tolist()
+        mine = one["tokens"][b, : one["lengths"][b]].tolist()
+        if mine != path:
+            assert one["finished"][b] and mine[-1] == END and mine[:-1] == path[: len(mine) - 1]
+        if greedy["finished"][b]:
+            assert one["finished"][b] and one["log_probs"][b] >= greedy["log_probs"][b] - 1e-5
     assert decode(model, memory, beam_size=2, max_length=8)["tokens"].shape[:2] == (3, 2)
+    assert greedy["finished"].shape == (3,)
 
 
 def test_mixed_precision_model_decodes_in_float32():
