@@ -20,7 +20,13 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from captioner.serving.backends import BackendTimeout, BackendUnavailable, DecodeRequest, make_backend
+from captioner.serving.backends import (
+    BackendTimeout,
+    BackendUnavailable,
+    DecodeRequest,
+    make_backend,
+    snapshot_of,
+)
 from captioner.serving.metrics import GatewayMetrics
 from captioner.serving.settings import Settings
 from flask import Flask, Response, g, jsonify, request
@@ -224,9 +230,14 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         if len(images) > settings.max_images:
             raise ClientError(400, f"at most {settings.max_images} images per request, got {len(images)}",
                               "bad_parameter")
-        info = backend.info()
-        algorithm, decode = _params(int(info["metadata"].get("max_length", 20)))
-        size = int(info["metadata"]["input_size"])
+        # One model version for the whole request: the input size and length limit checked here are
+        # those of the version that decodes.
+        model = snapshot_of(backend, g.request_id)
+        algorithm, decode = _params(model.max_length)
+        if decode.max_length > model.max_decode_length:
+            raise ClientError(400, f"max_length must be at most {model.max_decode_length} for model version "
+                              f"{model.version} (its decode state size), got {decode.max_length}", "bad_parameter")
+        size = model.image_size
         pixels = []
         for name, data in images:
             try:
@@ -238,12 +249,12 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
             except ImageError as exc:
                 raise ClientError(422, str(exc), "undecodable_image") from None
         prepared = time.perf_counter()
-        results, version = backend.caption(np.stack(pixels), decode)
+        results, version = model.caption(np.stack(pixels), decode), model.version
         g.model_version = version
         _record_version(version)
         done = time.perf_counter()
         items = []
-        side = int(round(float(info["metadata"].get("num_regions", 49)) ** 0.5))
+        side = int(round(float(model.metadata.get("num_regions", 49)) ** 0.5))
         for (name, _), result in zip(images, results, strict=True):
             item = {"image": name, **result.to_dict(with_attention=decode.with_attention)}
             if decode.with_attention:

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import numpy as np
 from captioner import constants as C
 
 log = logging.getLogger(__name__)
+# The local backend's one timed call: encode and all decode steps, in one graph.
+IN_PROCESS_DECODE = "in_process_decode"
 
 
 class BackendUnavailable(Exception):
@@ -43,6 +46,45 @@ class DecodeRequest:
     request_id: str = ""
 
 
+CallHook = Callable[[str, float], None]     # (signature name, seconds) after each model call
+DecodeHook = Callable[[int], None]          # decode steps of one request
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One model version, fixed for one request: the input size and caption lengths ``/predict``
+    checks against come from the same version that ``caption`` decodes with, even when a new version
+    is swapped in (local) or a label moves (TF Serving) in between."""
+
+    version: str
+    metadata: dict[str, Any]
+    caption: Callable[[np.ndarray, DecodeRequest], list]   # -> list[Caption], decoded by this version
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["input_size"])
+
+    @property
+    def max_length(self) -> int:
+        """The export's default caption length."""
+        return int(self.metadata.get("max_length", 20))
+
+    @property
+    def max_decode_length(self) -> int:
+        """The longest caption this version's decode state holds."""
+        return int(self.metadata.get("max_decode_length", self.max_length))
+
+
+def snapshot_of(backend, request_id: str = "") -> ModelSnapshot:
+    """``backend.snapshot()``; for a backend with only ``info``/``caption`` (a test double), one
+    built from those."""
+    if hasattr(backend, "snapshot"):
+        return backend.snapshot(request_id)
+    info = backend.info()
+    return ModelSnapshot(str(info["version"]), info["metadata"],
+                         lambda pixels, request: backend.caption(pixels, request)[0])
+
+
 class LocalBackend:
     name = "local"
 
@@ -55,6 +97,8 @@ class LocalBackend:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self.on_call: CallHook | None = None
+        self.on_decode: DecodeHook | None = None
 
     # -- loading ---------------------------------------------------------------------------------
     def _target(self) -> tuple[Path, str] | None:
@@ -137,30 +181,53 @@ class LocalBackend:
     def image_size(self) -> int:
         return self._model()[0].image_size
 
-    def caption(self, pixels: np.ndarray, request: DecodeRequest):
+    def snapshot(self, request_id: str = "") -> ModelSnapshot:
+        """The version served now, kept for the whole request (a swap does not change it)."""
+        from captioner.predictor import results_from_decode
+
         model, version = self._model()
-        results = model.caption_pixels(pixels, beam_size=request.beam_size, max_length=request.max_length,
-                                       length_penalty=request.length_penalty, with_attention=request.with_attention)
-        return results, version
+
+        def caption(pixels: np.ndarray, request: DecodeRequest) -> list:
+            started = time.perf_counter()
+            out = model.decode_pixels(pixels, beam_size=request.beam_size, max_length=request.max_length,
+                                      length_penalty=request.length_penalty)
+            # encode and every decode_step run inside one in-process graph: one call to time.
+            if self.on_call is not None:
+                self.on_call(IN_PROCESS_DECODE, time.perf_counter() - started)
+            if self.on_decode is not None:
+                self.on_decode(int(out["tokens"].shape[-1]))
+            return results_from_decode(out, model.vocab, request.with_attention)
+
+        return ModelSnapshot(version, model.metadata, caption)
+
+    def caption(self, pixels: np.ndarray, request: DecodeRequest):
+        snapshot = self.snapshot(request.request_id)
+        return snapshot.caption(pixels, request), snapshot.version
 
 
 class TFServingBackend:
     name = "tfserving"
 
     def __init__(self, target: str, model_name: str = "captioner", deadline_seconds: float = 10.0,
-                 retries: int = 2):
+                 retries: int = 2, model_label: str = "stable", model_version: int = 0):
         import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.target, self.model_name = target, model_name
         self.deadline_seconds, self.retries = deadline_seconds, retries
+        # Which version a request runs on: a fixed number, else the version TF Serving's model config
+        # labels `model_label`, else (label not assigned yet) the newest, as the local backend does.
+        self.model_label, self.model_version = model_label, int(model_version or 0)
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)])
         self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-        self._meta: tuple[dict[str, Any], list[str], str] | None = None
+        self._versions: dict[str, tuple[dict[str, Any], list[str]]] = {}  # metadata and vocabulary
         self._meta_lock = threading.Lock()
+        self._label_missing = False
+        self.on_call: CallHook | None = None
+        self.on_decode: DecodeHook | None = None
 
     def start(self) -> TFServingBackend:
         return self
@@ -193,7 +260,8 @@ class TFServingBackend:
                 raise
 
     def _predict(self, signature: str, inputs: dict[str, np.ndarray], deadline: float, request_id: str,
-                 version: str | None = None):
+                 version: str | None = None, label: str | None = None, outputs: tuple[str, ...] = ()):
+        """One Predict call; returns ``(outputs, the version that answered)``."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
@@ -202,18 +270,51 @@ class TFServingBackend:
         request.model_spec.signature_name = signature
         if version:
             request.model_spec.version.value = int(version)
+        elif label:
+            request.model_spec.version_label = label
+        request.output_filter.extend(outputs)
         for key, value in inputs.items():
             request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        started = time.perf_counter()
         response = self._call(self.predict_stub.Predict, request, deadline, request_id)
+        if self.on_call is not None:
+            self.on_call(signature, time.perf_counter() - started)
         return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}, str(response.model_spec.version.value)
 
-    def _metadata(self, deadline: float, request_id: str) -> tuple[dict[str, Any], list[str], str]:
-        out, version = self._predict(C.SIG_METADATA, {}, deadline, request_id)
+    def _resolve(self, deadline: float, request_id: str) -> tuple[str, dict[str, Any], list[str]]:
+        """Ask the configured version or label for its metadata: TF Serving answers with the version it
+        resolved, which the whole request then uses. The vocabulary is fetched once per version."""
+        rows = {C.IN_ROWS: np.zeros([1], np.int32)}
+        # Only the small metadata json once some version's vocabulary is known. (A filtered output set
+        # is not the signature's, so TF Serving runs it outside its batcher: fine for one row.)
+        outputs = (C.OUT_METADATA,) if self._versions else ()
+        if self.model_version:
+            out, version = self._predict(C.SIG_METADATA, rows, deadline, request_id, str(self.model_version),
+                                         outputs=outputs)
+        else:
+            try:
+                out, version = self._predict(C.SIG_METADATA, rows, deadline, request_id, label=self.model_label,
+                                             outputs=outputs)
+                self._label_missing = False
+            except Exception as exc:
+                # "Unrecognized servable version label": nothing promoted yet (or TF Serving has not
+                # re-read its model config). Serve the newest, as the local backend does.
+                if not self.model_label or "version label" not in str(exc):
+                    raise
+                if not self._label_missing:
+                    log.warning("TF Serving has no version labelled %r for %s: serving the newest",
+                                self.model_label, self.model_name)
+                self._label_missing = True
+                out, version = self._predict(C.SIG_METADATA, rows, deadline, request_id, outputs=outputs)
         with self._meta_lock:
-            if self._meta is None or self._meta[2] != version:
-                vocab = [t.decode() for t in out[C.OUT_VOCAB]]
-                self._meta = (json.loads(out[C.OUT_METADATA].item()), vocab, version)
-            return self._meta
+            known = self._versions.get(version)
+        if known is None:
+            if C.OUT_VOCAB not in out:
+                out, _ = self._predict(C.SIG_METADATA, rows, deadline, request_id, version)
+            known = (json.loads(out[C.OUT_METADATA][0]), [t.decode() for t in out[C.OUT_VOCAB][0]])
+            with self._meta_lock:
+                self._versions[version] = known
+        return version, known[0], known[1]
 
     # -- the backend interface ----------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -230,30 +331,49 @@ class TFServingBackend:
                      if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE]
         return (True, f"versions {available} AVAILABLE") if available else (False, "no version AVAILABLE")
 
+    def snapshot(self, request_id: str = "") -> ModelSnapshot:
+        """Resolve the label (or version) once; ``caption`` sends encode and every decode_step to that
+        version, so a label moved mid-request cannot mix two models in one caption."""
+        version, metadata, vocab = self._resolve(time.monotonic() + self.deadline_seconds, request_id or "-")
+
+        def caption(pixels: np.ndarray, request: DecodeRequest) -> list:
+            return self._caption(version, metadata, vocab, pixels, request)
+
+        return ModelSnapshot(version, metadata, caption)
+
     def info(self) -> dict[str, Any]:
-        metadata, _, version = self._metadata(time.monotonic() + self.deadline_seconds, "model-info")
-        return {"model_name": self.model_name, "version": version, "backend": self.name, "target": self.target,
-                "metadata": metadata}
+        snapshot = self.snapshot("model-info")
+        return {"model_name": self.model_name, "version": snapshot.version, "backend": self.name,
+                "target": self.target, "label": None if self.model_version else self.model_label,
+                "metadata": snapshot.metadata}
 
     @property
     def image_size(self) -> int:
-        return int(self._metadata(time.monotonic() + self.deadline_seconds, "image-size")[0]["input_size"])
+        return self.snapshot("image-size").image_size
 
     def caption(self, pixels: np.ndarray, request: DecodeRequest):
+        snapshot = self.snapshot(request.request_id)
+        return snapshot.caption(pixels, request), snapshot.version
+
+    def _caption(self, version: str, metadata: dict[str, Any], vocab: list[str], pixels: np.ndarray,
+                 request: DecodeRequest) -> list:
         from captioner.predictor import decode_images, results_from_decode
 
         deadline = time.monotonic() + self.deadline_seconds
-        metadata, vocab, version = self._metadata(deadline, request.request_id)
+        steps = 0
 
         def encode(images):
             out, _ = self._predict(C.SIG_ENCODE, {C.IN_IMAGES: np.asarray(images, np.uint8)}, deadline,
                                    request.request_id, version)
             return out[C.OUT_FEATURES]
 
-        def step(features, tokens, state):
+        def step(features, tokens, state, position):
+            nonlocal steps
+            steps += 1
             out, _ = self._predict(C.SIG_DECODE_STEP, {C.IN_FEATURES: np.asarray(features, np.float32),
                                                        C.IN_TOKENS: np.asarray(tokens, np.int32),
-                                                       C.IN_STATE: np.asarray(state, np.float32)},
+                                                       C.IN_STATE: np.asarray(state, np.float32),
+                                                       C.IN_POSITION: np.asarray(position, np.int32)},
                                    deadline, request.request_id, version)
             return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
 
@@ -261,11 +381,14 @@ class TFServingBackend:
         out = decode_images(encode, step, pixels, num_regions=int(metadata["num_regions"]),
                             state_shape=metadata["state_shape"], beam_size=request.beam_size,
                             max_length=request.max_length, length_penalty=float(alpha))
-        return results_from_decode({k: np.asarray(v) for k, v in out.items()}, vocab, request.with_attention), version
+        if self.on_decode is not None:
+            self.on_decode(steps)
+        return results_from_decode({k: np.asarray(v) for k, v in out.items()}, vocab, request.with_attention)
 
 
 def make_backend(settings):
     if settings.backend == "tfserving":
         return TFServingBackend(settings.tfserving_target, settings.model_name, settings.deadline_seconds,
-                                settings.retries)
+                                settings.retries, getattr(settings, "model_label", "stable"),
+                                getattr(settings, "model_version", 0))
     return LocalBackend(settings.model_repo, settings.model_name, settings.model_dir, settings.poll_seconds)

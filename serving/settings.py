@@ -18,6 +18,8 @@ class Settings:
     model_dir: str = ""                    # local backend: serve this SavedModel folder instead
     poll_seconds: float = 5.0              # local backend: how often to look for a new version
     tfserving_target: str = "localhost:8500"
+    model_label: str = "stable"            # tfserving backend: serve this version label (newest if unassigned)
+    model_version: int = 0                 # tfserving backend: or pin this version number (0: use the label)
     deadline_seconds: float = 10.0         # per request, over all gRPC calls
     retries: int = 2                       # per gRPC call, on UNAVAILABLE
     max_upload_bytes: int = 10 * 1024 * 1024

@@ -123,6 +123,9 @@ class EvalConfig:
 class ExportConfig:
     enabled: bool = True
     warmup: bool = True
+    # Decoding positions the exported decode_step's fixed-size state holds ([B, 2L, T, d]): the
+    # longest caption a client of encode/decode_step (the gateway) can ask for.
+    max_decode_length: int = 40
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class Config:
              f"must be divisible by model.num_heads ({self.model.num_heads})"),
             (self.decode.beam_size >= 1, "decode.beam_size", "must be >= 1"),
             (self.decode.max_length >= 2, "decode.max_length", "must be >= 2"),
+            (self.export.max_decode_length >= self.decode.max_length, "export.max_decode_length",
+             f"must be >= decode.max_length ({self.decode.max_length}): the state holds every position"),
             (self.decode.length_penalty >= 0, "decode.length_penalty", "must be >= 0"),
             (self.tokenizer.max_length >= 3, "tokenizer.max_length", "must be >= 3"),
             (self.tokenizer.min_count >= 1, "tokenizer.min_count", "must be >= 1"),

@@ -7,9 +7,15 @@ Signatures (names in ``captioner.constants``):
   stock TensorFlow ops only (no ``py_function``, no custom ops).
 * ``encode``: ``images [B, S, S, 3]`` uint8 (already preprocessed) -> ``features [B, N, 2Ld]`` (every
   decoder layer's cross-attention keys and values of the image, computed once per image).
-* ``decode_step``: ``features [B, N, 2Ld]``, ``tokens [B]`` (previous token), ``state [B, 2L, t, d]``
-  -> ``log_probs [B, V]``, ``attention [B, N]``, ``state [B, 2L, t+1, d]``; the initial state has t = 0.
-* ``metadata``: -> ``metadata_json`` (input size, vocabulary size, backbone, metrics, ...) and ``vocab [V]``.
+* ``decode_step``: ``features [B, N, 2Ld]``, ``tokens [B]`` (previous token), ``state [B, 2L, T, d]``,
+  ``position [B]`` (of ``tokens``, per row) -> ``log_probs [B, V]``, ``attention [B, N]``, ``state``; the
+  state is a fixed-size cache (``T = export.max_decode_length`` slots, zeros at first).
+* ``metadata``: ``rows [B]`` (any int32) -> ``metadata_json [B]`` (input size, vocabulary size,
+  backbone, metrics, ...) and ``vocab [B, V]``, the same for every row.
+
+Every signature is batchable by TF Serving's ``--enable_batching`` as it is, without padding: each has
+an input, every input and output has the batch on axis 0, and every other axis of an input is fixed
+(``BatchingSession`` concatenates concurrent requests along axis 0 and fails on any other mismatch).
 
 The vocabulary is an asset (``vocab.txt``), and ``assets.extra/tf_serving_warmup_requests`` holds a
 warm-up request for ``serving_default``. The folder appears in one rename when complete.
@@ -68,6 +74,7 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
 
     size = cfg.features.image_size
     beam, max_length, alpha = cfg.decode.beam_size, cfg.decode.max_length, cfg.decode.length_penalty
+    slots = cfg.export.max_decode_length
     d, layers, regions = model.cfg.d_model, model.num_layers, model.num_regions
     metadata_json = json.dumps(metadata, sort_keys=True)
 
@@ -104,17 +111,21 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
         @tf.function(input_signature=[
             tf.TensorSpec([None, regions, 2 * layers * d], tf.float32, name=C.IN_FEATURES),
             tf.TensorSpec([None], tf.int32, name=C.IN_TOKENS),
-            tf.TensorSpec([None, 2 * layers, None, d], tf.float32, name=C.IN_STATE)])
-        def decode_step(self, features, tokens, state):
-            log_probs, attention, state = self._keras.model.step(features, tokens, state)
+            tf.TensorSpec([None, 2 * layers, slots, d], tf.float32, name=C.IN_STATE),
+            tf.TensorSpec([None], tf.int32, name=C.IN_POSITION)])
+        def decode_step(self, features, tokens, state, position):
+            log_probs, attention, state = self._keras.model.step(features, tokens, state, position)
             return {C.OUT_LOG_PROBS: log_probs, C.OUT_ATTENTION: tf.cast(attention, tf.float32),
                     C.OUT_STATE: tf.cast(state, tf.float32)}
 
-        @tf.function(input_signature=[])
-        def metadata(self):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int32, name=C.IN_ROWS)])
+        def metadata(self, rows):
             # The vocabulary rides along so that a client of encode/decode_step (the gateway over
-            # TF Serving) can turn token ids into words without a copy of its own.
-            return {C.OUT_METADATA: tf.constant(metadata_json), C.OUT_VOCAB: tf.constant(vocab_tokens)}
+            # TF Serving) can turn token ids into words without a copy of its own. One answer per
+            # row: a batching TF Serving refuses a Run() without inputs and splits outputs on axis 0.
+            batch = tf.shape(rows)[0]
+            return {C.OUT_METADATA: tf.fill([batch], metadata_json),
+                    C.OUT_VOCAB: tf.tile(tf.constant(vocab_tokens)[None], [batch, 1])}
 
     return CaptionerModule()
 
@@ -158,7 +169,8 @@ def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | s
         "backbone": cfg.features.backbone, "weights": cfg.features.weights,
         "num_regions": model.num_regions, "d_model": model.cfg.d_model, "num_layers": model.num_layers,
         "feature_dim": 2 * model.num_layers * model.cfg.d_model,
-        "state_shape": [None, 2 * model.num_layers, None, model.cfg.d_model],
+        "state_shape": [None, 2 * model.num_layers, cfg.export.max_decode_length, model.cfg.d_model],
+        "max_decode_length": cfg.export.max_decode_length,
         "special_tokens": list(C.SPECIAL_TOKENS), "beam_size": cfg.decode.beam_size,
         "max_length": cfg.decode.max_length, "length_penalty": cfg.decode.length_penalty,
         "metrics": metrics or {}, "git_commit": git_commit(),

@@ -77,21 +77,29 @@ def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int,
                   beam_size: int, max_length: int, length_penalty: float) -> dict:
     """Greedy or beam search over ``encode``/``decode_step``-shaped callables.
 
-    ``encode(pixels) -> features [B, N, d]``; ``step(features, tokens, state) -> (log_probs, attention,
-    state)``. Runs eagerly (the gateway over gRPC) or inside a ``tf.function`` (in-process).
-    Returns ``decode`` output with a beam axis: ``tokens [B, K, T]``, ``scores [B, K]``, ...
+    ``encode(pixels) -> features [B, N, d]``; ``step(features, tokens, state, position) -> (log_probs,
+    attention, state)`` with ``position [rows]`` int32 and ``state`` of the fixed ``state_shape``
+    ``[None, 2L, T, d]`` (zeros at first). Runs eagerly (the gateway over gRPC) or inside a
+    ``tf.function`` (in-process). Returns ``decode`` output with a beam axis: ``tokens [B, K, T]``, ...
     """
     import tensorflow as tf
 
     from captioner.model.decoding import beam_search, greedy_search, tile_beams
 
+    slots = int(state_shape[2])
+    if max_length > slots:
+        raise ModelError(f"max_length {max_length} is longer than this export's decode state holds "
+                         f"({slots} positions; set export.max_decode_length when exporting)")
     features = tf.convert_to_tensor(encode(pixels), tf.float32)
     batch = tf.shape(features)[0]
+    rows = batch * beam_size
     tiled = tile_beams(features, beam_size) if beam_size > 1 else features
-    state = tf.zeros([batch * beam_size, state_shape[1], 0, state_shape[3]], tf.float32)
+    state = tf.zeros([rows, state_shape[1], slots, state_shape[3]], tf.float32)
 
     def step_fn(tokens, state, t):
-        return step(tiled, tokens, state)
+        # One position per row, as the decode_step signature takes it (rows of merged requests
+        # may be at different positions).
+        return step(tiled, tokens, state, tf.fill([tf.shape(tokens)[0]], tf.cast(t, tf.int32)))
 
     if beam_size == 1:
         out = greedy_search(step_fn, state, batch, max_length, num_regions)
@@ -112,10 +120,15 @@ class SavedModelCaptioner:
         missing = [s for s in (C.SIG_ENCODE, C.SIG_DECODE_STEP, C.SIG_METADATA) if s not in self.loaded.signatures]
         if missing:
             raise ModelError(f"SavedModel lacks signature(s) {missing}", path=str(self.path))
-        meta = self.loaded.signatures[C.SIG_METADATA]()
-        self.metadata = json.loads(meta[C.OUT_METADATA].numpy())
-        self.vocab = [t.decode() for t in meta[C.OUT_VOCAB].numpy()]
+        if C.IN_ROWS not in self.loaded.signatures[C.SIG_METADATA].structured_input_signature[1]:
+            raise ModelError("exported by an older captioner (growing decode state, metadata without "
+                             "inputs); export it again with `captioner export`", path=str(self.path))
+        meta = self.loaded.signatures[C.SIG_METADATA](**{C.IN_ROWS: tf.constant([0], tf.int32)})
+        self.metadata = json.loads(meta[C.OUT_METADATA].numpy()[0])
+        self.vocab = [t.decode() for t in meta[C.OUT_VOCAB].numpy()[0]]
         self.image_size = int(self.metadata["input_size"])
+        self.max_length = int(self.metadata["max_length"])
+        self.max_decode_length = int(self.metadata["max_decode_length"])
         self._encode = self.loaded.signatures[C.SIG_ENCODE]
         self._step = self.loaded.signatures[C.SIG_DECODE_STEP]
         self._decoders: dict[tuple, Callable] = {}
@@ -126,10 +139,11 @@ class SavedModelCaptioner:
         key = (beam_size, max_length, length_penalty)
         if key not in self._decoders:
             def encode(images):
-                return self._encode(images=images)[C.OUT_FEATURES]
+                return self._encode(**{C.IN_IMAGES: images})[C.OUT_FEATURES]
 
-            def step(features, tokens, state):
-                out = self._step(features=features, tokens=tokens, state=state)
+            def step(features, tokens, state, position):
+                out = self._step(**{C.IN_FEATURES: features, C.IN_TOKENS: tokens, C.IN_STATE: state,
+                                    C.IN_POSITION: position})
                 return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
 
             self._decoders[key] = tf.function(
@@ -139,13 +153,23 @@ class SavedModelCaptioner:
                 reduce_retracing=True)
         return self._decoders[key]
 
-    def caption_pixels(self, pixels: np.ndarray, *, beam_size: int | None = None, max_length: int | None = None,
-                       length_penalty: float | None = None, with_attention: bool = False) -> list[Caption]:
+    def decode_pixels(self, pixels: np.ndarray, *, beam_size: int | None = None, max_length: int | None = None,
+                      length_penalty: float | None = None) -> dict[str, np.ndarray]:
+        """Raw ``decode`` output for preprocessed ``pixels [B, S, S, 3]``: ``tokens [B, K, T]`` (T is the
+        number of decode steps taken), ``scores``, ``attention``, ..."""
         beam_size = beam_size or int(self.metadata["beam_size"])
-        max_length = max_length or int(self.metadata["max_length"])
+        max_length = max_length or self.max_length
+        if max_length > self.max_decode_length:
+            raise ModelError(f"max_length {max_length} is longer than this export's decode state holds "
+                             f"({self.max_decode_length} positions)", path=str(self.path))
         alpha = float(self.metadata["length_penalty"] if length_penalty is None else length_penalty)
         out = self._decoder(beam_size, max_length, alpha)(np.asarray(pixels, np.uint8))
-        return results_from_decode({k: v.numpy() for k, v in out.items()}, self.vocab, with_attention)
+        return {k: v.numpy() for k, v in out.items()}
+
+    def caption_pixels(self, pixels: np.ndarray, *, beam_size: int | None = None, max_length: int | None = None,
+                       length_penalty: float | None = None, with_attention: bool = False) -> list[Caption]:
+        out = self.decode_pixels(pixels, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+        return results_from_decode(out, self.vocab, with_attention)
 
     def caption_files(self, paths: Sequence[Path | str], **kwargs) -> list[Caption]:
         pixels = np.stack([load_image(p, self.image_size) for p in paths])

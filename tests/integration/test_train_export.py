@@ -75,15 +75,20 @@ def test_encode_and_decode_step_signatures(smoke_run):
                                {C.IN_IMAGES: np.zeros((2, size, size, 3), np.uint8)})
     features = result[C.OUT_FEATURES]
     assert features.shape == (2, 64, 2 * cfg.model.num_layers * cfg.model.d_model)
-    state = np.zeros((2, 2 * cfg.model.num_layers, 0, cfg.model.d_model), np.float32)
+    slots = cfg.export.max_decode_length
+    state = np.zeros((2, 2 * cfg.model.num_layers, slots, cfg.model.d_model), np.float32)
     _, step = _session_run(out / "saved_model", C.SIG_DECODE_STEP,
-                           {C.IN_FEATURES: features, C.IN_TOKENS: np.array([1, 1], np.int32), C.IN_STATE: state})
-    assert step[C.OUT_STATE].shape == (2, 2 * cfg.model.num_layers, 1, cfg.model.d_model)
+                           {C.IN_FEATURES: features, C.IN_TOKENS: np.array([1, 1], np.int32), C.IN_STATE: state,
+                            C.IN_POSITION: np.array([0, 0], np.int32)})
+    assert step[C.OUT_STATE].shape == state.shape  # fixed size: the cache does not grow
+    assert np.abs(step[C.OUT_STATE][:, :, 0]).sum() > 0 and not step[C.OUT_STATE][:, :, 1:].any()
     assert step[C.OUT_ATTENTION].shape == (2, 64)
     np.testing.assert_allclose(np.exp(step[C.OUT_LOG_PROBS]).sum(-1), 1.0, atol=1e-4)
-    _, meta = _session_run(out / "saved_model", C.SIG_METADATA, {})
-    metadata = json.loads(meta[C.OUT_METADATA])
+    _, meta = _session_run(out / "saved_model", C.SIG_METADATA, {C.IN_ROWS: np.zeros(3, np.int32)})
+    assert meta[C.OUT_METADATA].shape == (3,) and meta[C.OUT_VOCAB].shape[0] == 3
+    metadata = json.loads(meta[C.OUT_METADATA][0])
     assert metadata["input_size"] == size and metadata["backbone"] == "patches"
+    assert metadata["max_decode_length"] == slots and metadata["state_shape"][2] == slots
     assert "bleu4" in metadata["metrics"]
 
 

@@ -15,6 +15,10 @@ from captioner.config import ModelConfig
 from captioner.constants import PAD_ID
 from captioner.model.layers import DecoderLayer, EncoderLayer, sinusoid
 
+# Decoding positions a state holds when no length is given; the export's default cache size
+# (``export.max_decode_length``) and the gateway's default MAX_CAPTION_LENGTH are the same 40.
+DEFAULT_MAX_DECODE_LENGTH = 40
+
 
 class CaptionModel(keras.Model):
     def __init__(self, vocab_size: int, num_regions: int, feature_dim: int, cfg: ModelConfig,
@@ -85,22 +89,34 @@ class CaptionModel(keras.Model):
         return tf.concat([layer.cross_attn.kv(memory) for layer in self.decoders], axis=-1)
 
     def initial_state(self, batch_size, max_length: int | None = None):
-        """Empty self-attention cache ``[B, 2 * layers, 0, d]`` (keys and values of every layer)."""
-        return tf.zeros([batch_size, 2 * self.num_layers, 0, self.cfg.d_model], self.compute_dtype)
+        """Empty self-attention cache ``[B, 2 * layers, max_length, d]``: keys and values of every
+        layer, one slot per decoding position. Its size is fixed, so every decoding step (and every
+        request TF Serving merges into one batch) has the same state shape."""
+        slots = DEFAULT_MAX_DECODE_LENGTH if max_length is None else max_length
+        return tf.zeros([batch_size, 2 * self.num_layers, slots, self.cfg.d_model], self.compute_dtype)
 
     def step(self, cross, tokens, state, position=None):
-        """One position. ``cross`` is ``cross_memory(memory)``; ``tokens [B]`` sits at position
-        ``t = state.shape[2]``. Returns ``(log_probs [B, V], attention [B, N], state [B, 2L, t+1, d])``."""
+        """One position. ``cross`` is ``cross_memory(memory)``; ``tokens [B]`` sit at ``position``
+        (a scalar, or ``[B]`` with one position per row; None means 0, the first step) in the cache
+        ``state [B, 2L, T, d]`` from ``initial_state``.
+        Returns ``(log_probs [B, V], attention [B, N], state [B, 2L, T, d])``."""
         d = self.cfg.d_model
-        t = tf.shape(state)[2]
-        x = self._embed(tokens[:, None], start=t)
+        slots = tf.shape(state)[2]
+        position = tf.convert_to_tensor(0 if position is None else position, tf.int32)
+        checks = [tf.debugging.assert_less(tf.reduce_max(position), slots, message=(
+                      "decode position is past the state's cache size (the export's max_decode_length)")),
+                  tf.debugging.assert_non_negative(position, message="decode position must be >= 0")]
+        with tf.control_dependencies(checks):
+            position = tf.identity(position)
+        x = self.embed(tokens[:, None]) * tf.cast(tf.sqrt(float(d)), self.compute_dtype)
+        x += sinusoid(tf.reshape(position, [-1]), d, self.compute_dtype)[:, None]
         state = tf.cast(state, self.compute_dtype)
         cross = tf.cast(cross, self.compute_dtype)
         new_caches = []
         attention = None
         for i, layer in enumerate(self.decoders):
             k, v = cross[..., 2 * i * d:(2 * i + 1) * d], cross[..., (2 * i + 1) * d:(2 * i + 2) * d]
-            x, attention, k_new, v_new = layer.step(x, k, v, state[:, 2 * i], state[:, 2 * i + 1])
+            x, attention, k_new, v_new = layer.step(x, k, v, state[:, 2 * i], state[:, 2 * i + 1], position)
             new_caches += [k_new, v_new]
         log_probs = tf.nn.log_softmax(self._logits(x)[:, 0], axis=-1)
         return log_probs, attention[:, 0], tf.stack(new_caches, axis=1)

@@ -110,14 +110,27 @@ class DecoderLayer(keras.layers.Layer):
         x = x + self.drop(h, training=training)
         return x + self.ff(self.norm3(x), training=training), attention
 
-    def step(self, x, cross_k, cross_v, k_cache, v_cache):
-        """One position: ``x [B,1,d]``, the image's precomputed cross-attention keys/values ``[B,N,d]``
-        and the self-attention caches ``[B,t,d]`` -> ``(x, attention [B,1,N], k, v)``."""
+    def step(self, x, cross_k, cross_v, k_cache, v_cache, position):
+        """One position: ``x [B,1,d]``, the image's precomputed cross-attention keys/values ``[B,N,d]``,
+        the fixed-size self-attention caches ``[B,T,d]`` and the position of ``x`` (scalar or ``[B]``,
+        one per row) -> ``(x, attention [B,1,N], k_cache, v_cache)``.
+
+        The new key/value is written into slot ``position`` and only slots ``<= position`` are
+        attended to. The cache keeps its size, so rows at different positions (requests merged by
+        TF Serving's batching) fit in one tensor."""
         h = self.norm1(x)
         k, v = self.self_attn.project_kv(h)
-        k = tf.concat([k_cache, k], axis=1)
-        v = tf.concat([v_cache, v], axis=1)
-        x = x + self.self_attn.attend(h, k, v)[0]
+        slots = tf.shape(k_cache)[1]
+        rows = tf.reshape(position, [-1, 1])                                   # [B or 1, 1]
+        write = tf.equal(tf.range(slots)[None], rows)[:, :, None]              # [B or 1, T, 1]
+        k_cache = tf.where(write, k, k_cache)
+        v_cache = tf.where(write, v, v_cache)
+        # Attend over the written prefix only: slots past the furthest row's position are all
+        # masked, and leaving them out keeps the arithmetic (and so the captions) the same whatever
+        # the cache size.
+        visible = tf.reduce_max(position) + 1
+        mask = tf.range(visible)[None] <= rows                                 # [B or 1, visible]
+        x = x + self.self_attn.attend(h, k_cache[:, :visible], v_cache[:, :visible], mask[:, None, None])[0]
         h, attention = self.cross_attn.attend(self.norm2(x), cross_k, cross_v)
         x = x + h
-        return x + self.ff(self.norm3(x)), attention, k, v
+        return x + self.ff(self.norm3(x)), attention, k_cache, v_cache

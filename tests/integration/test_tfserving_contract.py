@@ -1,0 +1,85 @@
+"""What TF Serving with --enable_batching demands of the export, and the gRPC stand-in that applies it.
+
+TF Serving's BatchingSession wraps every signature: a Run() without an input fails, concurrent
+requests are concatenated along axis 0 (so every other axis must be equal), and outputs are split
+back along axis 0.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from captioner import constants as C
+
+pytestmark = pytest.mark.integration
+
+
+def _signature_defs(saved_model):
+    """The SignatureDefs as TF Serving reads them from saved_model.pb."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel.FromString((saved_model / "saved_model.pb").read_bytes())
+    meta = next(m for m in proto.meta_graphs if C.SERVE_TAG in m.meta_info_def.tags)
+    return {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+
+
+def test_every_signature_is_batchable_without_padding(smoke_run):
+    out, _ = smoke_run
+    signatures = _signature_defs(out / "saved_model")
+    assert set(signatures) == {C.SIG_SERVING, C.SIG_ENCODE, C.SIG_DECODE_STEP, C.SIG_METADATA}
+    for name, sig in signatures.items():
+        assert sig.inputs, f"{name}: no input ('Batching Run() must have at least one input tensor')"
+        for key, info in list(sig.inputs.items()) + list(sig.outputs.items()):
+            dims = [d.size for d in info.tensor_shape.dim]
+            assert not info.tensor_shape.unknown_rank and dims, f"{name}.{key}: needs a batch axis"
+            assert dims[0] == -1, f"{name}.{key}: axis 0 must be the batch, got {dims}"
+            if key in sig.inputs:
+                assert all(d > 0 for d in dims[1:]), f"{name}.{key}: axes after 0 must be fixed, got {dims}"
+
+
+def _step(runner, features, tokens, state, position):
+    out = runner._step(**{C.IN_FEATURES: tf.constant(features), C.IN_TOKENS: tf.constant(tokens, tf.int32),
+                          C.IN_STATE: tf.constant(state), C.IN_POSITION: tf.constant(position, tf.int32)})
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_rows_at_different_positions_share_one_decode_step(smoke_run):
+    """Two requests, one at position 3 and one at position 1, concatenated as BatchingSession does,
+    give each the answer it gets alone."""
+    from captioner.predictor import SavedModelCaptioner
+
+    out, cfg = smoke_run
+    runner = SavedModelCaptioner(out / "saved_model")
+    size = runner.image_size
+    pixels = np.random.default_rng(0).integers(0, 255, (2, size, size, 3), dtype=np.uint8)
+    features = runner._encode(images=tf.constant(pixels))[C.OUT_FEATURES].numpy()
+    shape = runner.metadata["state_shape"]
+    states, tokens = [], [[1, 7, 9, 4], [1, 5]]
+    for i, sequence in enumerate(tokens):
+        state = np.zeros([1, *shape[1:]], np.float32)
+        for t, token in enumerate(sequence[:-1]):
+            state = _step(runner, features[i:i + 1], [token], state, [t])[C.OUT_STATE]
+        states.append(state)
+    positions = [len(s) - 1 for s in tokens]
+    alone = [_step(runner, features[i:i + 1], [tokens[i][-1]], states[i], [positions[i]]) for i in range(2)]
+    merged = _step(runner, features, [s[-1] for s in tokens], np.concatenate(states), positions)
+    for i in range(2):
+        for key in (C.OUT_LOG_PROBS, C.OUT_ATTENTION, C.OUT_STATE):
+            np.testing.assert_allclose(merged[key][i], alone[i][key][0], atol=1e-5, err_msg=key)
+    assert merged[C.OUT_STATE].shape == (2, *shape[1:])
+
+
+def test_positions_past_the_cache_are_refused(smoke_run):
+    from captioner.errors import ModelError
+    from captioner.predictor import SavedModelCaptioner
+
+    out, cfg = smoke_run
+    runner = SavedModelCaptioner(out / "saved_model")
+    slots = cfg.export.max_decode_length
+    features = np.zeros([1, runner.metadata["num_regions"], runner.metadata["feature_dim"]], np.float32)
+    state = np.zeros([1, *runner.metadata["state_shape"][1:]], np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="cache size"):
+        _step(runner, features, [1], state, [slots])
+    pixels = np.zeros((1, runner.image_size, runner.image_size, 3), np.uint8)
+    with pytest.raises(ModelError, match="max_decode_length|holds"):
+        runner.caption_pixels(pixels, max_length=slots + 1)
