@@ -1,4 +1,4 @@
-"""The five pipeline steps as KFP lightweight components, each a thin shell over the library.
+"""The pipeline steps as KFP lightweight components, each a thin shell over the library.
 
 The functions below are plain Python; ``build_components(image)`` turns them into KFP components
 that run in ``image`` (the component image of ``images/components.Dockerfile``, pinned when the
@@ -14,32 +14,53 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def tokenize(config: str, overrides: list, vocab: Output[Dataset]):
+def fingerprint(config: str, overrides: list, image: str) -> str:
+    """Fingerprint of the data, code and config (``captioner.fingerprint``); never cached.
+
+    Its output is an input of every step that reads data, so KFP's cache (keyed on inputs) serves
+    those steps only while the data stay the same.
+    """
+    from captioner.config import load_config
+    from captioner.fingerprint import run_fingerprint
+    from captioner.workflow import load_data
+
+    cfg = load_config(config, overrides)
+    return run_fingerprint(cfg, load_data(cfg), image)
+
+
+def tokenize(config: str, overrides: list, fingerprint: str, vocab: Output[Dataset]):
     """Read the data set and fit the vocabulary on the train captions."""
     from captioner.config import load_config
+    from captioner.fingerprint import check_unchanged
     from captioner.workflow import load_data, tokenize_step
 
     cfg = load_config(config, overrides)
     dataset = load_data(cfg)
+    data_fingerprint = check_unchanged(fingerprint, dataset)
     tokenizer = tokenize_step(cfg, dataset, vocab.path)
     vocab.metadata.update({"vocab_size": tokenizer.vocab_size, "dataset": dataset.name,
-                           "fingerprint": dataset.fingerprint(),
+                           "fingerprint": data_fingerprint, "run_fingerprint": fingerprint,
                            "images": {s: len(v) for s, v in dataset.splits.items()}})
 
 
-def extract_features(config: str, overrides: list, features: Output[Dataset]):
-    """Run the pretrained backbone over every image into a sharded feature store."""
+def extract_features(config: str, overrides: list, fingerprint: str, features: Output[Dataset]):
+    """Backbone features of every image into the artifact; only images whose content the feature
+    cache (``features.cache_dir``, shared storage on a cluster) lacks go through the backbone."""
     from captioner.config import load_config
+    from captioner.fingerprint import check_unchanged
     from captioner.workflow import extract_step, load_data
 
     cfg = load_config(config, overrides)
-    store = extract_step(cfg, load_data(cfg), features.path, progress=False)
+    dataset = load_data(cfg)
+    check_unchanged(fingerprint, dataset)
+    store = extract_step(cfg, dataset, progress=False, output=features.path)
     features.metadata.update({"backbone": cfg.features.backbone, "weights": cfg.features.weights,
-                              "image_size": cfg.features.image_size, "images": len(store.index)})
+                              "image_size": cfg.features.image_size, "images": len(store.index),
+                              "extracted": len(store.extracted), "run_fingerprint": fingerprint})
 
 
-def train(config: str, overrides: list, vocab: Input[Dataset], features: Input[Dataset], model: Output[Model],
-          metrics: Output[Metrics]):
+def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset], features: Input[Dataset],
+          model: Output[Model], metrics: Output[Metrics]):
     """Train with dev-split model selection, then export the SavedModel into the model artifact."""
     import json
     from pathlib import Path
@@ -49,14 +70,17 @@ def train(config: str, overrides: list, vocab: Input[Dataset], features: Input[D
     from captioner.export import export_saved_model
     from captioner.features.backbones import build_backbone
     from captioner.features.extract import FeatureStore
+    from captioner.fingerprint import check_unchanged
     from captioner.tracking import ExperimentTracker
     from captioner.workflow import fit_and_tune, load_data
 
     cfg = load_config(config, overrides)
+    dataset = load_data(cfg)
+    data_fingerprint = check_unchanged(fingerprint, dataset)
     out = Path(model.path)
     tracker = ExperimentTracker(out, seed=cfg.train.seed)
     tracker.log_config(cfg)
-    trained, cfg = fit_and_tune(cfg, load_data(cfg), Tokenizer.load(vocab.path), FeatureStore(features.path), out,
+    trained, cfg = fit_and_tune(cfg, dataset, Tokenizer.load(vocab.path), FeatureStore(features.path), out,
                                 tracker, progress=False)
     backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
     export_saved_model(backbone, trained, out, out / "saved_model", cfg)
@@ -70,7 +94,7 @@ def train(config: str, overrides: list, vocab: Input[Dataset], features: Input[D
     Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2))
     model.metadata.update({"framework": "tensorflow", "format": "saved_model", "backbone": cfg.features.backbone,
                            "selected_epoch": tracker.extra.get("selected_epoch"),
-                           "fingerprint": vocab.metadata.get("fingerprint")})
+                           "fingerprint": data_fingerprint, "run_fingerprint": fingerprint})
 
 
 def evaluate(config: str, overrides: list, model: Input[Model], features: Input[Dataset], model_repo: str,
@@ -124,8 +148,8 @@ def register(model: Input[Model], evaluation: Input[Artifact], model_repo: str, 
     return version
 
 
-STEPS = {"tokenize": tokenize, "extract_features": extract_features, "train": train, "evaluate": evaluate,
-         "register": register}
+STEPS = {"fingerprint": fingerprint, "tokenize": tokenize, "extract_features": extract_features, "train": train,
+         "evaluate": evaluate, "register": register}
 
 
 def build_components(image: str) -> SimpleNamespace:

@@ -115,7 +115,7 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
 
 def _record(run_id: str, root: Path, params: dict, events: dict, started: float, error) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
-    for name in ("tokenize", "extract-features", "train", "evaluate", "register"):
+    for name in ("fingerprint", "tokenize", "extract-features", "train", "evaluate", "register"):
         event = events.get(name, {})
         task: dict[str, Any] = {"status": event.get("status", "not run" if error else "skipped")}
         if "started" in event and "finished" in event:
@@ -135,7 +135,9 @@ def _record(run_id: str, root: Path, params: dict, events: dict, started: float,
     created = register.get("artifacts", {}).get("registered", {}).get("metadata", {}).get("created")
     return {"run_id": run_id, "pipeline": PIPELINE_NAME, "status": "failed" if error else "succeeded",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "seconds": round(time.time() - started, 3), "parameters": params, "tasks": tasks,
+            "seconds": round(time.time() - started, 3), "parameters": params,
+            "fingerprint": tasks["fingerprint"].get("outputs", {}).get("parameters", {}).get("Output"),
+            "tasks": tasks,
             "gate": {"passed": gate.get("gate_passed"), "reason": gate.get("reason"), "bleu4": gate.get("bleu4")},
             "registered_version": int(registered) if registered is not None and created else None,
             "already_registered_as": int(registered) if registered is not None and not created else None,

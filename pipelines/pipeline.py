@@ -1,4 +1,9 @@
-"""The one pipeline factory: tokenize -> extract features -> train -> evaluate -> (gate) -> register."""
+"""The one pipeline factory: fingerprint -> tokenize -> extract features -> train -> evaluate -> (gate) -> register.
+
+The fingerprint step (data, code, config; ``captioner.fingerprint``) is never cached, and its output
+is an input of tokenize, extract and train: KFP's cache key hashes a task's inputs, so those steps
+come from the cache exactly while the data, the code and the config are unchanged.
+"""
 
 from captioner.components.steps import build_components
 from kfp import dsl
@@ -24,10 +29,16 @@ def create_pipeline(image: str = DEFAULT_IMAGE):
         accelerator_type: str = "NVIDIA_TESLA_T4",
         accelerator_count: int = 1,
     ):
-        tokenize = steps.tokenize(config=config, overrides=overrides).set_display_name("tokenize")
-        extract = steps.extract_features(config=config, overrides=overrides).set_display_name("extract features")
-        train = steps.train(config=config, overrides=overrides, vocab=tokenize.outputs["vocab"],
-                            features=extract.outputs["features"]).set_display_name("train")
+        # Never from the cache: it is what tells a run over new data from last week's.
+        fingerprint = steps.fingerprint(config=config, overrides=overrides, image=image).set_display_name(
+            "fingerprint data").set_caching_options(False).set_cpu_request("1").set_memory_request("2G")
+        tokenize = steps.tokenize(config=config, overrides=overrides,
+                                  fingerprint=fingerprint.output).set_display_name("tokenize")
+        extract = steps.extract_features(config=config, overrides=overrides,
+                                         fingerprint=fingerprint.output).set_display_name("extract features")
+        train = steps.train(config=config, overrides=overrides, fingerprint=fingerprint.output,
+                            vocab=tokenize.outputs["vocab"], features=extract.outputs["features"]).set_display_name(
+                                "train")
         evaluate = steps.evaluate(config=config, overrides=overrides, model=train.outputs["model"],
                                   features=extract.outputs["features"], model_repo=model_repo,
                                   model_name=model_name, bleu4_floor=bleu4_floor,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from captioner.config import Config, with_overrides
 from captioner.data.readers import CaptionDataset, read_dataset
 from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError
-from captioner.features.extract import FeatureStore, cache_key, extract_features
+from captioner.features.extract import FLIP_SUFFIX, FeatureStore, cache_key, extract_features
 from captioner.io_utils import atomic_write_json
 from captioner.tracking import ExperimentTracker
 
@@ -44,9 +43,10 @@ def load_data(cfg: Config) -> CaptionDataset:
 
 
 def features_folder(cfg: Config, dataset: CaptionDataset) -> Path:
+    """The feature cache for this backbone set-up. Keys are image contents, so one store serves
+    every data set (a moved, renamed or grown data folder reuses what was extracted)."""
     base = Path(cfg.features.cache_dir) if cfg.features.cache_dir else cache_root() / "features"
-    where = hashlib.sha256(str(dataset.images_dir.resolve()).encode()).hexdigest()[:12]
-    return base / f"{dataset.name}-{where}" / cache_key(cfg.features)
+    return base / "by-content" / cache_key(cfg.features)
 
 
 def tokenize_step(cfg: Config, dataset: CaptionDataset, out_dir: Path | str) -> Tokenizer:
@@ -57,12 +57,22 @@ def tokenize_step(cfg: Config, dataset: CaptionDataset, out_dir: Path | str) -> 
 
 
 def extract_step(cfg: Config, dataset: CaptionDataset, folder: Path | str | None = None,
-                 images: list[str] | None = None, progress: bool = True) -> FeatureStore:
+                 images: list[str] | None = None, progress: bool = True,
+                 output: Path | str | None = None) -> FeatureStore:
+    """Features of the data set's images: only images whose content is not in the cache ``folder``
+    (default ``features_folder``) go through the backbone. With ``output``, also writes a
+    self-contained copy keyed by image name there and returns that (``extracted`` still tells
+    how many images the backbone saw)."""
     folder = Path(folder) if folder else features_folder(cfg, dataset)
     images = images if images is not None else dataset.all_images()
     wanted = set(images)
     flip = [i for i in dataset.splits["train"] if i in wanted] if cfg.features.flip_train else []
-    return extract_features(dataset, images, cfg.features, folder, flip=flip, progress=progress)
+    store = extract_features(dataset, images, cfg.features, folder, flip=flip, progress=progress)
+    if output is None:
+        return store
+    copy = store.export([*images, *(name + FLIP_SUFFIX for name in flip)], output, cfg.features.shard_size)
+    copy.extracted = store.extracted
+    return copy
 
 
 def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: CaptionDataset, cfg: Config,

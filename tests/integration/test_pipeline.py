@@ -28,8 +28,15 @@ def test_committed_pipeline_yaml_is_up_to_date(tmp_path):
 def test_compiled_dag_shape():
     spec = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"tokenize", "extract-features", "train", "evaluate", "condition-1"} <= set(tasks)
-    assert set(tasks["train"]["dependentTasks"]) == {"tokenize", "extract-features"}
+    assert {"fingerprint", "tokenize", "extract-features", "train", "evaluate", "condition-1"} <= set(tasks)
+    assert set(tasks["train"]["dependentTasks"]) == {"fingerprint", "tokenize", "extract-features"}
+    # The fingerprint step always runs, and every step that reads data takes its output as an input,
+    # which is what KFP's cache key hashes.
+    assert not tasks["fingerprint"]["cachingOptions"].get("enableCache")
+    for name in ("tokenize", "extract-features", "train"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True
+        source = tasks[name]["inputs"]["parameters"]["fingerprint"]["taskOutputParameter"]
+        assert source == {"outputParameterKey": "Output", "producerTask": "fingerprint"}
     assert "pipelinechannel--evaluate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train"]["container"]
@@ -45,12 +52,14 @@ def test_components_as_functions(tmp_path, captioner_cache):
 
     vocab, features, model = art(Dataset, "vocab"), art(Dataset, "features"), art(Model, "model")
     overrides = ["train.epochs=2"]
-    steps.tokenize("smoke", overrides, vocab)
+    fingerprint = steps.fingerprint("smoke", overrides, "")
+    assert fingerprint.startswith("data=") and ";code=" in fingerprint and ";config=" in fingerprint
+    steps.tokenize("smoke", overrides, fingerprint, vocab)
     assert (Path(vocab.path) / "vocab.json").is_file() and vocab.metadata["vocab_size"] > 10
-    steps.extract_features("smoke", overrides, features)
+    steps.extract_features("smoke", overrides, fingerprint, features)
     assert features.metadata["images"] == 348 and (Path(features.path) / "index.json").is_file()
     train_metrics = art(Metrics, "train_metrics")
-    steps.train("smoke", overrides, vocab, features, model, train_metrics)
+    steps.train("smoke", overrides, fingerprint, vocab, features, model, train_metrics)
     assert (Path(model.path) / "saved_model" / "saved_model.pb").is_file()
     assert train_metrics.metadata["epochs"] == 2 and Path(train_metrics.path).is_file()
     metrics, report, evaluation = art(Metrics, "metrics"), art(HTML, "report"), art(Artifact, "evaluation")
@@ -89,12 +98,62 @@ def test_local_dag_registers_caches_and_gates(tmp_path, captioner_cache):
     assert get_run(root, "latest")["run_id"] == worse["run_id"]
 
 
+def test_step_refuses_data_changed_since_the_fingerprint(tmp_path, captioner_cache):
+    vocab = Dataset(name="vocab", uri=str(tmp_path / "vocab"))
+    stale = "data=0123456789abcdef;code=0.1.0;config=000000000000"
+    with pytest.raises(CaptionerError, match="the data changed while the pipeline ran"):
+        steps.tokenize("smoke", [], stale, vocab)
+    assert not (tmp_path / "vocab").exists()
+
+
+@pytest.mark.slow
+def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
+    """Issue #7: a scheduled rerun over unchanged data comes from the cache and registers nothing;
+    new captions make tokenize, extract and train run again (extract finds no new image content)."""
+    from captioner.config import SyntheticConfig
+    from captioner.data.synthetic import generate
+
+    data = generate(tmp_path / "data", SyntheticConfig(num_train=60, num_dev=8, num_test=8, image_size=64, seed=5))
+    overrides = ["data.format=flickr8k", f"data.root={data}", f"features.cache_dir={tmp_path / 'features'}",
+                 "train.epochs=2"]
+    root, repo = tmp_path / "root", str(tmp_path / "models")
+    reading = ("tokenize", "extract-features", "train")
+
+    def run():
+        return run_local("smoke", overrides, pipeline_root=root, model_repo=repo, bleu4_floor=0.0)
+
+    def extracted(record):
+        return record["tasks"]["extract-features"]["outputs"]["artifacts"]["features"]["metadata"]
+
+    first = run()
+    assert {first["tasks"][t]["status"] for t in ("fingerprint", *reading)} == {"succeeded"}
+    assert extracted(first)["extracted"] == 76 and extracted(first)["images"] == 76
+    assert first["registered_version"] == 1
+
+    again = run()
+    assert again["tasks"]["fingerprint"]["status"] == "succeeded"  # never from the cache
+    assert again["fingerprint"] == first["fingerprint"]
+    assert {again["tasks"][t]["status"] for t in reading} == {"cached"}
+    assert again["registered_version"] is None and ModelRepository(repo).versions("captioner") == [1]
+
+    train_images = (data / "splits" / "train.txt").read_text().split()[:5]
+    with (data / "captions.tsv").open("a", encoding="utf-8") as handle:
+        handle.writelines(f"{image}\ta picture with some brand new words\n" for image in train_images)
+    changed = run()
+    assert changed["fingerprint"] != first["fingerprint"]
+    assert {changed["tasks"][t]["status"] for t in reading} == {"succeeded"}
+    # The images did not change: extract runs, but the backbone sees none of them.
+    assert extracted(changed)["extracted"] == 0 and extracted(changed)["images"] == 76
+
+
 def test_failing_step_stops_the_run_and_registers_nothing(tmp_path, captioner_cache):
     root, repo = tmp_path / "root", tmp_path / "models"
-    with pytest.raises(CaptionerError, match="failed at step tokenize"):
+    # The data are read first by the fingerprint step.
+    with pytest.raises(CaptionerError, match="failed at step fingerprint"):
         run_local("smoke", ["data.format=flickr8k", f"data.root={tmp_path / 'nowhere'}"], pipeline_root=root,
                   model_repo=str(repo), bleu4_floor=0.0)
     record = list_runs(root)[-1]
-    assert record["status"] == "failed" and record["tasks"]["tokenize"]["status"] == "failed"
+    assert record["status"] == "failed" and record["tasks"]["fingerprint"]["status"] == "failed"
+    assert record["tasks"]["tokenize"]["status"] == "not run"
     assert record["tasks"]["register"]["status"] == "not run"
     assert not repo.exists() or ModelRepository(repo).versions("captioner") == []

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -100,3 +101,52 @@ def test_coco_captions_json(tmp_path):
 def test_unknown_layout(tmp_path):
     with pytest.raises(DataError, match="cannot tell the data format"):
         read_dataset(tmp_path)
+
+
+def test_fingerprint_follows_captions_splits_and_images(tmp_path):
+    names = ("a.jpg", "b.jpg", "c.jpg", "d.jpg")
+    root = make_tsv(tmp_path, images=names, lines=[f"{n}\ta caption of {n} ." for n in names],
+                    splits={"train": ["a.jpg", "d.jpg"], "dev": ["b.jpg"], "test": ["c.jpg"]})
+
+    def fingerprint():
+        return read_dataset(root).fingerprint()
+
+    base = fingerprint()
+    assert fingerprint() == base
+    # Not data: the same captions written again (new mtime), a hidden upload, a file beside images/.
+    captions = (root / "captions.tsv").read_text()
+    (root / "captions.tsv").write_text(captions)
+    (root / "images" / ".upload.jpg.tmp").write_bytes(b"partial")
+    (root / "notes.txt").write_text("not data")
+    assert fingerprint() == base
+
+    (root / "captions.tsv").write_text(captions.replace("a caption of b.jpg", "a new caption of b.jpg"))
+    assert fingerprint() != base
+    (root / "captions.tsv").write_text(captions)
+    assert fingerprint() == base
+
+    split = (root / "splits" / "test.txt").read_text()
+    (root / "splits" / "train.txt").write_text("a.jpg\n")
+    (root / "splits" / "test.txt").write_text("c.jpg\nd.jpg\n")
+    assert fingerprint() != base
+    (root / "splits" / "train.txt").write_text("a.jpg\nd.jpg\n")
+    (root / "splits" / "test.txt").write_text(split)
+    assert fingerprint() == base
+
+    image = root / "images" / "a.jpg"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert fingerprint() != base
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint() == base
+    image.write_bytes(image.read_bytes() + b"\0")  # one more byte: same mtime would not hide it
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint() != base
+    image.write_bytes(image.read_bytes()[:-1])
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint() == base
+
+    _image(root / "images" / "e.jpg")
+    assert fingerprint() != base
+    (root / "images" / "e.jpg").unlink()
+    assert fingerprint() == base

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class CaptionDataset:
     captions: dict[str, list[str]]
     splits: dict[str, list[str]]
     missing_images: list[str] = field(default_factory=list)
+    # The caption and split files read, in a fixed order: their bytes are part of the fingerprint.
+    sources: list[Path] = field(default_factory=list)
 
     def image_path(self, image: str) -> Path:
         return self.images_dir / image
@@ -49,19 +52,77 @@ class CaptionDataset:
         return list(seen)
 
     def fingerprint(self) -> str:
+        """A content fingerprint of the data: 16 hex digits that change when a caption, a split or
+        an image changes, and only then.
+
+        It hashes (1) the SHA-256 of each caption and split file the reader read (``sources``; for a
+        data set built in memory, its captions instead), (2) the image names each split uses once
+        limits and left-out images are applied, and (3) a listing of every file under the image
+        folder with its size and modification time (``st_mtime_ns``), not the image bytes. Reading
+        the bytes of a million images (~100 GB) would take longer than the training it guards; a
+        listing costs one ``stat`` per file (seconds), and a tool that writes an image changes its
+        size or mtime. So rewriting a caption file with the same text keeps the fingerprint, while
+        touching an image changes it (conservative: a retraining run too many, never one too few).
+        Hidden files (``.name``, e.g. an upload's temporary file) are not data and are skipped.
+        """
         digest = hashlib.sha256()
+        digest.update(f"{self.name}\n".encode())
+        if self.sources:
+            for path in self.sources:
+                digest.update(f"{Path(path).name}\t{_file_sha256(Path(path))}\n".encode())
+        else:
+            for image in self.all_images():
+                digest.update(("\t".join([image, *self.captions[image]]) + "\n").encode())
         for split in SPLITS:
-            for image in self.splits.get(split, []):
-                digest.update(f"{split}\t{image}\t".encode())
-                for caption in self.captions[image]:
-                    digest.update(caption.encode() + b"\n")
+            digest.update(f"[{split}]\n".encode() + "\n".join(self.splits.get(split, [])).encode() + b"\n")
+        digest.update(b"[images]\n" + "".join(sorted(_listing(self.images_dir))).encode())
         return digest.hexdigest()[:16]
 
     def limit(self, per_split: int) -> CaptionDataset:
         if per_split <= 0:
             return self
         splits = {s: images[:per_split] for s, images in self.splits.items()}
-        return CaptionDataset(self.name, self.images_dir, self.captions, splits, self.missing_images)
+        return CaptionDataset(self.name, self.images_dir, self.captions, splits, self.missing_images, self.sources)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise DataError("file not found (it was there when the data set was read)", path=str(path)) from None
+    return digest.hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """``relative/path<TAB>size<TAB>mtime_ns`` for every non-hidden file under ``folder``.
+
+    ``os.scandir`` rather than ``Path.rglob``: one ``stat`` per file and no Path objects, which is
+    what keeps a million-image listing in seconds. Symbolic links to files are followed (their
+    target is the data); links to folders are not, so a link cycle cannot loop.
+    """
+    lines: list[str] = []
+    pending = [(Path(folder), "")]
+    while pending:
+        where, prefix = pending.pop()
+        try:
+            entries = list(os.scandir(where))
+        except FileNotFoundError:
+            raise DataError("image folder not found", path=str(where)) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                pending.append((Path(entry.path), f"{prefix}{entry.name}/"))
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # a dangling link or a file deleted while listing: not data
+                continue
+            lines.append(f"{prefix}{entry.name}\t{st.st_size}\t{st.st_mtime_ns}\n")
+    return lines
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -132,7 +193,8 @@ def read_flickr8k(root: Path, on_missing: str = "error") -> CaptionDataset:
         captions.setdefault(parts[0].strip(), []).append(parts[1].strip())
     split_files = {s: root / "splits" / f"{s}.txt" for s in SPLITS}
     splits = {s: _read_split_file(p) for s, p in split_files.items()}
-    dataset = CaptionDataset("flickr8k", root / "images", captions, splits)
+    dataset = CaptionDataset("flickr8k", root / "images", captions, splits,
+                             sources=[caption_file, *split_files.values()])
     return _check(dataset, split_files, caption_file, on_missing)
 
 
@@ -157,7 +219,7 @@ def read_flickr8k_original(root: Path, on_missing: str = "error") -> CaptionData
             break
     else:
         raise DataError("no image folder (Flicker8k_Dataset, Flickr8k_Dataset, Images or images)", path=str(root))
-    dataset = CaptionDataset("flickr8k", images_dir, captions, splits)
+    dataset = CaptionDataset("flickr8k", images_dir, captions, splits, sources=[caption_file, *split_files.values()])
     return _check(dataset, split_files, caption_file, on_missing)
 
 
@@ -205,7 +267,8 @@ def read_coco(root: Path, on_missing: str = "error") -> CaptionDataset:
         half = len(ordered) // 2
         splits["dev"], splits["test"] = sorted(ordered[:half]), sorted(ordered[half:])
     images_dir = root / "images" if (root / "images").is_dir() else root
-    dataset = CaptionDataset("coco", images_dir, captions, splits)
+    dataset = CaptionDataset("coco", images_dir, captions, splits,
+                             sources=[files["train"][0], files["val"][0], *files["test"][:1]])
     split_files = {"train": files["train"][0], "dev": files["val"][0],
                    "test": (files["test"] or files["val"])[0]}
     return _check(dataset, split_files, files["train"][0], on_missing)

@@ -1,20 +1,32 @@
-"""Feature extraction into a sharded, resumable cache.
+"""Feature extraction into a sharded, resumable, content-addressed cache.
 
 A cache folder holds ``shard-NNNNN.npy`` files (float16 ``[n, N, C]``) and ``index.json`` mapping
-each key (image file name, ``name#flip`` for a mirrored copy) to its shard and row. Shards and the
-index are written atomically, so a killed extraction resumes where it stopped and a partial shard is
-never read. Decoding (Pillow, in threads that release the GIL) overlaps with the backbone.
+each key to its shard and row. Shards and the index are written atomically, so a killed extraction
+resumes where it stopped and a partial shard is never read. Decoding (Pillow, in threads that
+release the GIL) overlaps with the backbone.
+
+Keys are image CONTENT: the SHA-256 of the file's bytes (``<hash>#flip`` for the mirrored copy). A
+data set grown by 100 images costs 100 extractions, and a renamed or copied image none. Hashing
+every file on every run would read the whole data set, so ``hashes.json`` remembers each path's
+hash with the size and ``st_mtime_ns`` it had: only new or changed files are read again (git's
+index does the same). ``extract_features`` returns the store with a ``names`` view (image name ->
+content key) so that readers keep asking for images by name; ``FeatureStore.export`` writes a
+self-contained copy keyed by name (what the pipeline passes from step to step).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import queue
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +35,11 @@ from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
 from captioner.data.images import load_image
 from captioner.errors import DataError
-from captioner.io_utils import atomic_write_json
+from captioner.io_utils import atomic_write_json, atomic_write_text
 
+log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"
+HASHES_FILE = "hashes.json"
 
 
 def cache_key(cfg: FeaturesConfig) -> str:
@@ -34,12 +48,26 @@ def cache_key(cfg: FeaturesConfig) -> str:
 
 @dataclass
 class FeatureStore:
+    """Cached features in ``folder``. ``names`` (image name -> stored key), when set, is the view
+    of one data set over a content-addressed store; without it, keys are used as they are."""
+
     folder: Path
+    names: dict[str, str] | None = None
+    # Stored keys the last extract_features call computed with the backbone (the rest were cached).
+    extracted: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.folder = Path(self.folder)
         self._index: dict[str, list[int]] | None = None
         self._shards: dict[int, np.ndarray] = {}
+
+    def key(self, name: str) -> str:
+        return self.names.get(name, name) if self.names is not None else name
+
+    def reload(self) -> None:
+        """Forget what was read from disk (another process may have added shards)."""
+        self._index = None
+        self._shards = {}
 
     @property
     def index(self) -> dict[str, list[int]]:
@@ -55,7 +83,7 @@ class FeatureStore:
         return self._index
 
     def missing(self, keys: Iterable[str]) -> list[str]:
-        return [key for key in keys if key not in self.index]
+        return [key for key in keys if self.key(key) not in self.index]
 
     def _shard(self, number: int) -> np.ndarray:
         if number not in self._shards:
@@ -68,10 +96,10 @@ class FeatureStore:
         if absent:
             raise DataError(f"{len(absent)} image(s) not in the feature cache, e.g. {absent[:3]}",
                             path=str(self.folder))
-        first = self._shard(self.index[keys[0]][0])
+        first = self._shard(self.index[self.key(keys[0])][0])
         out = np.empty((len(keys), *first.shape[1:]), dtype=np.float16)
         for i, key in enumerate(keys):
-            shard, row = self.index[key]
+            shard, row = self.index[self.key(key)]
             out[i] = self._shard(shard)[row]
         return out
 
@@ -87,6 +115,80 @@ class FeatureStore:
         for row, key in enumerate(keys):
             self.index[key] = [number, row]
         atomic_write_json(self.folder / FEATURES_INDEX, {"rows": self.index})
+
+    def export(self, names: Sequence[str], dest: Path | str, shard_size: int = 2048) -> FeatureStore:
+        """Copy the features of ``names`` into a store at ``dest`` keyed by those names.
+
+        The copy stands alone (a pipeline artifact must not point into a cache that another
+        machine does not have). Names already in ``dest`` are kept, so a killed copy resumes.
+        """
+        out = FeatureStore(Path(dest))
+        out.folder.mkdir(parents=True, exist_ok=True)
+        if (self.folder / "backbone.json").is_file():
+            atomic_write_json(out.folder / "backbone.json", json.loads((self.folder / "backbone.json").read_text()))
+        todo = out.missing(dict.fromkeys(names))
+        for start in range(0, len(todo), shard_size):
+            chunk = todo[start:start + shard_size]
+            out.append(chunk, self.load(chunk))
+        return out
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise DataError("image file not found", path=str(path)) from None
+    return digest.hexdigest()[:32]  # 128 bits: no collision among any number of images we will see
+
+
+def content_keys(paths: Iterable[Path], hashes_file: Path, workers: int = 4) -> dict[Path, str]:
+    """The content key of each file, reading only files whose size or mtime changed since the
+    hashes recorded in ``hashes_file`` (which is updated)."""
+    try:
+        known = json.loads(hashes_file.read_text()) if hashes_file.is_file() else {}
+    except json.JSONDecodeError:
+        log.warning("%s is damaged: every image will be hashed again", hashes_file)
+        known = {}
+    keys: dict[Path, str] = {}
+    todo: list[tuple[Path, str, list[int]]] = []
+    for path in dict.fromkeys(paths):
+        where = str(Path(path).absolute())
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DataError("image file not found", path=str(path)) from None
+        seen = known.get(where)
+        if seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns:
+            keys[path] = seen[2]
+        else:
+            todo.append((path, where, [st.st_size, st.st_mtime_ns]))
+    if todo:
+        with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
+            for (path, where, stat), key in zip(todo, pool.map(lambda item: _file_hash(item[0]), todo),
+                                                strict=True):
+                keys[path] = key
+                known[where] = [*stat, key]
+        atomic_write_text(hashes_file, json.dumps(known, separators=(",", ":")))
+    return keys
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One extraction at a time per store: two runs appending at once would pick the same shard
+    number. A file system without ``flock`` (some network mounts) runs unlocked, with a warning."""
+    with (folder / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): extracting without a lock", folder, exc)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _batches(items: Sequence[tuple[str, Path, bool]], size: int, image_size: int, batch_size: int,
@@ -152,32 +254,44 @@ def backbone_fn(backbone, batch_size: int):
 
 def extract_features(dataset, images: Sequence[str], cfg: FeaturesConfig, cache_folder: Path | str,
                      *, flip: Sequence[str] = (), progress: bool = True, backbone=None) -> FeatureStore:
-    """Make sure every image in ``images`` (and the mirrored copy of those in ``flip``) is cached."""
+    """Make sure every image in ``images`` (and the mirrored copy of those in ``flip``) is cached.
+
+    Runs the backbone only over image contents the store does not hold yet; returns the store
+    with the ``names`` view of these images and ``extracted`` set to the keys it computed.
+    """
     from tqdm import tqdm
 
     from captioner.features.backbones import build_backbone
 
     store = FeatureStore(Path(cache_folder))
-    wanted = [(name, dataset.image_path(name), False) for name in images]
-    wanted += [(name + FLIP_SUFFIX, dataset.image_path(name), True) for name in flip]
-    todo = [item for item in wanted if item[0] not in store.index]
-    if not todo:
-        return store
     store.folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(store.folder / "backbone.json", {"backbone": cfg.backbone, "weights": cfg.weights,
-                                                       "image_size": cfg.image_size})
-    backbone = backbone or build_backbone(cfg.backbone, cfg.weights, cfg.image_size)
-    run = backbone_fn(backbone, cfg.batch_size)
-    pending_keys: list[str] = []
-    pending: list[np.ndarray] = []
-    with tqdm(total=len(todo), desc=f"features ({cfg.backbone})", unit="img", disable=not progress) as bar:
-        for keys, pixels in _batches(todo, len(todo), cfg.image_size, cfg.batch_size):
-            pending.append(run(pixels).astype(np.float16))
-            pending_keys.extend(keys)
-            bar.update(len(keys))
-            if len(pending_keys) >= cfg.shard_size:
+    with _locked(store.folder):
+        store.reload()
+        paths = {name: dataset.image_path(name) for name in dict.fromkeys([*images, *flip])}
+        content = content_keys(paths.values(), store.folder / HASHES_FILE)
+        names = {name: content[paths[name]] for name in images}
+        names.update({name + FLIP_SUFFIX: content[paths[name]] + FLIP_SUFFIX for name in flip})
+        store.names = names
+        wanted = {names[name]: (names[name], paths[name], False) for name in images}
+        wanted.update({names[name + FLIP_SUFFIX]: (names[name + FLIP_SUFFIX], paths[name], True) for name in flip})
+        todo = [item for key, item in wanted.items() if key not in store.index]
+        if not todo:
+            return store
+        atomic_write_json(store.folder / "backbone.json", {"backbone": cfg.backbone, "weights": cfg.weights,
+                                                           "image_size": cfg.image_size})
+        backbone = backbone or build_backbone(cfg.backbone, cfg.weights, cfg.image_size)
+        run = backbone_fn(backbone, cfg.batch_size)
+        pending_keys: list[str] = []
+        pending: list[np.ndarray] = []
+        with tqdm(total=len(todo), desc=f"features ({cfg.backbone})", unit="img", disable=not progress) as bar:
+            for keys, pixels in _batches(todo, len(todo), cfg.image_size, cfg.batch_size):
+                pending.append(run(pixels).astype(np.float16))
+                pending_keys.extend(keys)
+                store.extracted.extend(keys)
+                bar.update(len(keys))
+                if len(pending_keys) >= cfg.shard_size:
+                    store.append(pending_keys, np.concatenate(pending))
+                    pending_keys, pending = [], []
+            if pending_keys:
                 store.append(pending_keys, np.concatenate(pending))
-                pending_keys, pending = [], []
-        if pending_keys:
-            store.append(pending_keys, np.concatenate(pending))
     return store
