@@ -266,6 +266,9 @@ def extract_features(dataset, images: Sequence[str], cfg: FeaturesConfig, cache_
     store = FeatureStore(Path(cache_folder))
     store.folder.mkdir(parents=True, exist_ok=True)
     with _locked(store.folder):
+        # First, so that a folder holding only the hashes of a killed run still reads as a store.
+        atomic_write_json(store.folder / "backbone.json", {"backbone": cfg.backbone, "weights": cfg.weights,
+                                                           "image_size": cfg.image_size})
         store.reload()
         paths = {name: dataset.image_path(name) for name in dict.fromkeys([*images, *flip])}
         content = content_keys(paths.values(), store.folder / HASHES_FILE)
@@ -277,8 +280,6 @@ def extract_features(dataset, images: Sequence[str], cfg: FeaturesConfig, cache_
         todo = [item for key, item in wanted.items() if key not in store.index]
         if not todo:
             return store
-        atomic_write_json(store.folder / "backbone.json", {"backbone": cfg.backbone, "weights": cfg.weights,
-                                                           "image_size": cfg.image_size})
         backbone = backbone or build_backbone(cfg.backbone, cfg.weights, cfg.image_size)
         run = backbone_fn(backbone, cfg.batch_size)
         pending_keys: list[str] = []
