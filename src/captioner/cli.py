@@ -37,14 +37,17 @@ def cli() -> None:
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: metrics, checkpoints, evaluation and the SavedModel go here.")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
-@click.option("--no-resume", is_flag=True, help="Refuse to continue an interrupted run in --output.")
+@click.option("--restart", "--no-resume", "restart", is_flag=True,
+              help="Start the run in --output over: remove its own files (checkpoints, logs, metrics, weights, "
+                   "vocabulary, SavedModel, summaries), never anything else there. Without it an interrupted "
+                   "run is continued, with the same config (see README).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train(config_name: str, output: Path, overrides: tuple[str, ...], no_resume: bool, quiet: bool) -> None:
+def train(config_name: str, output: Path, overrides: tuple[str, ...], restart: bool, quiet: bool) -> None:
     """Extract features (cached), train, evaluate on the test split and export a SavedModel."""
     from captioner.workflow import run_training
 
     cfg = _config(config_name, overrides)
-    summary = run_training(cfg, output, resume=not no_resume, progress=not quiet)
+    summary = run_training(cfg, output, restart=restart, progress=not quiet)
     metrics = summary["final_metrics"]
     click.echo(f"run complete: {output}  test BLEU-4 {metrics.get('bleu4', float('nan')):.4f} (beam), "
                f"{metrics.get('greedy_bleu4', float('nan')):.4f} (greedy); "
@@ -72,6 +75,47 @@ def caption(model_dir: Path, beam_size: int | None, max_length: int | None, as_j
             click.echo(f"{path}\t{result.caption}")
 
 
+def _json_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_vocab_output(folder: Path) -> None:
+    """``tokenize`` rewrites vocab.json and vocab.txt in ``folder``: only if they are ours."""
+    from captioner.constants import VOCAB_JSON, VOCAB_TXT
+
+    ours = (_json_object(folder / VOCAB_JSON) or {}).get("format") == "captioner-vocab"
+    for name in (VOCAB_JSON, VOCAB_TXT):
+        if (folder / name).exists() and not ours:
+            raise CaptionerError(f"{name} is here and was not written by captioner; refusing to overwrite it "
+                                 "(choose another --output)", path=str(folder / name))
+
+
+def _check_feature_cache(folder: Path) -> None:
+    """``extract --cache`` writes a feature store's files into ``folder``: a new or empty folder, or a store."""
+    from captioner.constants import FEATURES_INDEX
+    from captioner.io_utils import check_replaceable
+
+    def is_store(path: Path) -> bool:
+        index, backbone = _json_object(path / FEATURES_INDEX), _json_object(path / "backbone.json")
+        foreign = ((path / FEATURES_INDEX).exists() and (index is None or "rows" not in index)) or (
+            (path / "backbone.json").exists() and (backbone is None or "backbone" not in backbone))
+        return not foreign and (index is not None or backbone is not None)
+
+    check_replaceable(folder, is_store, hint=" (--cache: it is not a captioner feature cache)")
+
+
+def _check_report_output(path: Path) -> None:
+    """``evaluate --output`` replaces an evaluation report of ours, never another file."""
+    report = _json_object(path) if path.is_file() else None
+    if path.exists() and not (report is not None and {"split", "greedy", "beam"} <= set(report)):
+        raise CaptionerError("exists and is not a captioner evaluation report; refusing to overwrite it "
+                             "(choose another --output)", path=str(path))
+
+
 @cli.command()
 @click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP)
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -81,6 +125,7 @@ def tokenize(config_name: str, output: Path, overrides: tuple[str, ...]) -> None
     from captioner.workflow import load_data, tokenize_step
 
     cfg = _config(config_name, overrides)
+    _check_vocab_output(output)
     tokenizer = tokenize_step(cfg, load_data(cfg), output)
     click.echo(f"vocabulary: {tokenizer.vocab_size} tokens -> {output}")
 
@@ -96,6 +141,8 @@ def extract(config_name: str, cache: Path | None, overrides: tuple[str, ...], qu
     from captioner.workflow import extract_step, load_data
 
     cfg = _config(config_name, overrides)
+    if cache is not None:
+        _check_feature_cache(cache)
     store = extract_step(cfg, load_data(cfg), cache, progress=not quiet)
     click.echo(f"features: {len(store.index)} cached in {store.folder}")
 
@@ -116,6 +163,8 @@ def evaluate(model_dir: Path, config_name: str | None, overrides: tuple[str, ...
     from captioner.train import load_trained
     from captioner.workflow import evaluate_model, extract_step, load_data
 
+    if output is not None:
+        _check_report_output(output)
     model, tokenizer, spec = load_trained(model_dir)
     cfg = _config(config_name, overrides) if config_name else with_overrides(spec.full_config,
                                                                              parse_overrides(overrides))
@@ -135,11 +184,18 @@ def evaluate(model_dir: Path, config_name: str | None, overrides: tuple[str, ...
               help="Where the SavedModel folder is written (atomically).")
 @click.option("--name", "model_name", default="captioner", show_default=True)
 def export(model_dir: Path, output: Path, model_name: str) -> None:
-    """Export a trained model as a TF Serving SavedModel."""
-    from captioner.export import export_saved_model
+    """Export a trained model as a TF Serving SavedModel.
+
+    OUTPUT must be new, empty, or a SavedModel exported by captioner before (which is replaced in one
+    rename); any other folder, a run folder included, is refused and left as it is.
+    """
+    from captioner.export import export_saved_model, is_captioner_export
     from captioner.features.backbones import build_backbone
+    from captioner.io_utils import check_replaceable
     from captioner.train import load_trained
 
+    check_replaceable(output, is_captioner_export, hint=" (--output: only a SavedModel that captioner exported "
+                                                        "is replaced)")
     model, _, spec = load_trained(model_dir)
     cfg = spec.full_config
     metrics = {}

@@ -35,7 +35,7 @@ import numpy as np
 
 from captioner import constants as C
 from captioner.config import Config
-from captioner.io_utils import atomic_directory
+from captioner.io_utils import atomic_directory, only_entries
 
 
 def give_variables_unique_names(*models) -> None:
@@ -177,7 +177,7 @@ def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | s
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "signatures": [C.SIG_SERVING, C.SIG_ENCODE, C.SIG_DECODE_STEP, C.SIG_METADATA],
     }
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, is_captioner_export) as tmp:
         with tempfile.TemporaryDirectory() as scratch:
             # The asset keeps its base name inside the SavedModel: stage it as plain vocab.txt.
             vocab_txt = Path(scratch) / C.VOCAB_TXT
@@ -199,3 +199,16 @@ def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | s
 def read_metadata(saved_model_dir: Path | str) -> dict[str, Any]:
     path = Path(saved_model_dir) / "assets.extra" / C.METADATA_JSON
     return json.loads(path.read_text())
+
+
+EXPORT_ENTRIES = ("saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra")
+
+
+def is_captioner_export(folder: Path) -> bool:
+    """A SavedModel this project exported (our metadata) with nothing of anyone else's beside it:
+    the only kind of existing folder an export may replace."""
+    try:
+        ours = read_metadata(folder).get("format") == "captioner-saved-model"
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ours and only_entries(Path(folder), EXPORT_ENTRIES)

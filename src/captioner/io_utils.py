@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
+
+from captioner.errors import CaptionerError
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
@@ -37,22 +39,60 @@ def atomic_write_json(path: Path | str, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_directory(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
+def check_replaceable(path: Path | str, owned: Callable[[Path], bool] | None = None, *, hint: str = "") -> None:
+    """Raise unless ``path`` is absent, an empty folder, or a folder ``owned`` recognises as ours.
+
+    The one rule every command follows before it replaces a folder: never remove what it did not make.
+    """
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise CaptionerError(f"exists and is not a folder{hint}; refusing to replace it", path=str(path))
+    if not any(path.iterdir()):
+        return
+    if owned is not None and owned(path):
+        return
+    raise CaptionerError(f"not empty and not written by captioner{hint}; refusing to replace or delete "
+                         "anything in it (choose a new or empty folder)", path=str(path))
+
+
+def only_entries(path: Path, allowed: Collection[str]) -> bool:
+    """True when every entry of folder ``path`` has one of the ``allowed`` names."""
+    return all(entry.name in allowed for entry in path.iterdir())
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path | str, owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
+
+    An existing ``path`` is replaced only if it is empty or ``owned(path)`` says that captioner wrote
+    it (checked before the work starts and again before the swap); anything else raises
+    ``CaptionerError`` and nothing is touched.
+    """
+    path = Path(path)
+    check_replaceable(path, owned)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    holder: Path | None = None
     try:
         yield tmp
+        check_replaceable(path, owned)
+        if path.is_dir() and not any(path.iterdir()):
+            os.rmdir(path)  # only ever removes an empty folder
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            # The old folder goes into a fresh folder of our own (never a fixed sibling name that a
+            # user's folder could have), so the removal below can only reach what we moved there.
+            holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, holder / path.name)
+        try:
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        except BaseException:
+            if holder is not None:
+                os.replace(holder / path.name, path)  # put the old one back rather than lose both
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -35,10 +36,10 @@ class LocalStorage:
         """Copy ``source`` to ``target`` so that ``target`` appears complete in one rename."""
         target_path = Path(target)
         target_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = target_path.parent / f".{target_path.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        # A fresh name of our own: the cleanup below can never reach a folder someone else made.
+        staging = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.partial-", dir=target_path.parent))
         try:
-            shutil.copytree(source, staging)
+            shutil.copytree(source, staging, dirs_exist_ok=True)
             os.rename(staging, target_path)  # fails if the version exists: never overwrite one
         finally:
             shutil.rmtree(staging, ignore_errors=True)

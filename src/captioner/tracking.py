@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import platform
 import random
@@ -28,6 +29,27 @@ from typing import Any
 
 from captioner.constants import CONFIG_SNAPSHOT, LOG_DIR, METRICS_CSV, RUN_SUMMARY
 from captioner.io_utils import atomic_write_json, atomic_write_text
+
+FAILED_JSON = "FAILED.json"
+
+
+def _json_dict(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_run_folder(folder: Path | str) -> bool:
+    """True if a tracker wrote into ``folder``: our config snapshot, run summary or failure record
+    (checked by content, so that a user's file of the same name does not make a folder ours)."""
+    folder = Path(folder)
+    snapshot = _json_dict(folder / CONFIG_SNAPSHOT)
+    if snapshot is not None and {"model", "train"} <= set(snapshot):
+        return True
+    return any((record := _json_dict(folder / name)) is not None and {"status", "run_dir"} <= set(record)
+               for name in (RUN_SUMMARY, FAILED_JSON))
 
 
 def set_global_seed(seed: int) -> None:
@@ -133,14 +155,14 @@ class ExperimentTracker:
         }
 
     def finalize(self) -> Path:
-        (self.run_dir / "FAILED.json").unlink(missing_ok=True)
+        (self.run_dir / FAILED_JSON).unlink(missing_ok=True)
         return atomic_write_json(self.run_dir / RUN_SUMMARY, self.summary())
 
     def fail(self, error: BaseException) -> Path:
         (self.run_dir / RUN_SUMMARY).unlink(missing_ok=True)
         summary = self.summary(status="failed")
         summary["error"] = f"{type(error).__name__}: {error}"
-        return atomic_write_json(self.run_dir / "FAILED.json", summary)
+        return atomic_write_json(self.run_dir / FAILED_JSON, summary)
 
 
 def _number(value: str) -> Any:
@@ -158,4 +180,4 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-__all__ = ["ExperimentTracker", "set_global_seed", "git_commit"]
+__all__ = ["ExperimentTracker", "set_global_seed", "git_commit", "is_run_folder"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,10 +15,10 @@ from captioner import constants as C
 from captioner.config import Config, with_overrides
 from captioner.data.readers import CaptionDataset, read_dataset
 from captioner.data.tokenizer import Tokenizer
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, ConfigError
 from captioner.features.extract import FLIP_SUFFIX, FeatureStore, cache_key, extract_features
 from captioner.io_utils import atomic_write_json
-from captioner.tracking import ExperimentTracker
+from captioner.tracking import FAILED_JSON, ExperimentTracker, is_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -169,26 +170,187 @@ def fit_and_tune(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, sto
     return model, cfg
 
 
-def _check_fresh(output: Path, resume: bool) -> None:
+# Fields that may differ when an interrupted run is continued. They do not change what is trained:
+# how long it trains (epochs, patience), how (distribution strategy, extraction batch and cache
+# location), where the data lives (data.root, only if the data there is the same: checked against
+# the fingerprint recorded when the run started), and the post-training stages (decoding for the
+# test evaluation and export, evaluation, export). Every other field, including any added later, is
+# part of what the run is: changing it means a new run (--restart or a new --output).
+RESUMABLE_FIELDS = ("name", "train.epochs", "train.early_stopping_patience", "train.distribute",
+                    "features.batch_size", "features.shard_size", "features.cache_dir", "data.root",
+                    "decode.beam_size", "decode.length_penalty", "decode.tune_length_penalty", "eval.", "export.")
+class ResumeError(ConfigError):
+    """The command asks to continue a run as something it is not (other config or data)."""
+
+
+RUN_STATE = "run_state.json"  # in checkpoints/: the data set's fingerprint and the resumes with changes
+# What `train` writes into its --output: the only things --restart removes (a user's file there stays).
+RUN_FILES = (C.CONFIG_SNAPSHOT, C.METRICS_CSV, C.RUN_SUMMARY, FAILED_JSON, C.EVALUATION_JSON, C.VOCAB_JSON,
+             C.VOCAB_TXT, "model.json", "model.weights.h5")
+CHECKPOINT_FILES = ("best.weights.h5", ".best-tmp.weights.h5", "TRAINING_FINISHED", RUN_STATE)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict[str, Any], new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{field: (old, new)}`` for every field of ``new`` that differs from the saved config ``old``."""
+    from captioner.config import config_from_dict
+
+    with contextlib.suppress(ConfigError):
+        old = config_from_dict(old).to_dict()  # fills fields added since the run started with defaults
+    before, after = _flat(old), _flat(new.to_dict())
+    missing = object()
+    return {name: (before.get(name), after.get(name)) for name in sorted(set(before) | set(after))
+            if before.get(name, missing) != after.get(name, missing)}
+
+
+def _resumable(name: str) -> bool:
+    return any(name == f or (f.endswith(".") and name.startswith(f)) for f in RESUMABLE_FIELDS)
+
+
+def _show(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{name} {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}"
+                     for name, (a, b) in changes.items())
+
+
+def _run_state(output: Path) -> dict[str, Any]:
+    path = output / C.CHECKPOINT_DIR / RUN_STATE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raise CaptionerError("damaged run state; use --restart to start this run over", path=str(path)) from None
+
+
+def remove_run_files(output: Path) -> None:
+    """Delete what a run wrote into ``output`` (--restart), and nothing else that is there."""
+    import shutil
+
+    from captioner.export import is_captioner_export
+
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    for leftover in output.glob(".tmp-*.weights.h5"):  # save_trained's temporary name
+        leftover.unlink()
+    if is_captioner_export(output / C.SAVED_MODEL_DIR):
+        shutil.rmtree(output / C.SAVED_MODEL_DIR)
+    checkpoints = output / C.CHECKPOINT_DIR
+    for name in CHECKPOINT_FILES:
+        (checkpoints / name).unlink(missing_ok=True)
+    # Keras's BackupAndRestore folder and TensorBoard's event files are ours by construction.
+    shutil.rmtree(checkpoints / "backup", ignore_errors=True)
+    logs = output / C.LOG_DIR
+    for events in logs.rglob("events.out.tfevents.*") if logs.is_dir() else ():
+        events.unlink()
+    for folder in (*sorted((p for p in logs.rglob("*") if p.is_dir()), reverse=True), logs, checkpoints):
+        with contextlib.suppress(OSError):  # left in place when a user's file is inside
+            folder.rmdir()
+
+
+def _check_fresh(output: Path, cfg: Config, restart: bool = False) -> dict[str, Any] | None:
+    """What ``train --output`` may do with ``output``; returns the saved config of a run to resume.
+
+    A new or empty folder starts a run. A run folder (our ``config_snapshot.json``, ``run_summary.json``
+    or ``FAILED.json``) is continued if its config matches (see RESUMABLE_FIELDS), or started over
+    with ``restart`` (removing only the run's own files). Anything else is refused untouched.
+    """
+    from captioner.export import is_captioner_export
+    from captioner.io_utils import check_replaceable
+
+    if not is_run_folder(output):
+        check_replaceable(output, hint=" for --output: it holds no captioner run to resume")
+        return None
+    if cfg.export.enabled:
+        check_replaceable(output / C.SAVED_MODEL_DIR, is_captioner_export,
+                          hint=" (the run's SavedModel is exported there)")
+    if restart:
+        remove_run_files(output)
+        return None
     if (output / C.RUN_SUMMARY).is_file():
-        raise CaptionerError(f"{output} already holds a complete run; choose a new --output "
-                             "(or delete it) to train again", path=str(output / C.RUN_SUMMARY))
-    if not resume and (output / C.METRICS_CSV).is_file():
-        raise CaptionerError("an interrupted run is here; rerun without --no-resume to continue it",
-                             path=str(output))
+        raise CaptionerError(f"{output} already holds a complete run; choose a new --output, or --restart "
+                             "to train it again from scratch", path=str(output / C.RUN_SUMMARY))
+    snapshot = output / C.CONFIG_SNAPSHOT
+    if not snapshot.is_file():
+        return None  # failed before its config was saved: nothing to resume
+    previous = json.loads(snapshot.read_text())
+    changes = config_changes(previous, cfg)
+    fixed = {name: change for name, change in changes.items() if not _resumable(name)}
+    if fixed:
+        raise ResumeError(f"cannot resume this run with a different configuration: {_show(fixed)}. "
+                          "Give the run's own config and --set values to continue it, --restart to train it "
+                          "from scratch, or a new --output", path=str(snapshot), field=next(iter(fixed)))
+    finished = output / C.CHECKPOINT_DIR / "TRAINING_FINISHED"
+    trained = len(ExperimentTracker(output).history())
+    longer = {k: v for k, v in changes.items() if k in ("train.epochs", "train.early_stopping_patience")}
+    if longer and finished.is_file():
+        raise ResumeError(f"this run's training already finished ({trained} epochs): {_show(longer)} would not "
+                          "train it further; use --restart or a new --output", path=str(snapshot),
+                          field=next(iter(longer)))
+    if "train.epochs" in changes and cfg.train.epochs < trained:
+        raise ResumeError(f"train.epochs={cfg.train.epochs} is fewer than the {trained} epochs this run has "
+                          "trained already", path=str(snapshot), field="train.epochs")
+    return previous
 
 
-def run_training(cfg: Config, output: Path | str, *, resume: bool = True, progress: bool = True) -> dict:
-    """``captioner train``: the whole run into ``output`` (see README for the layout)."""
+def _check_same_data(output: Path, dataset: CaptionDataset, cfg: Config, previous: dict[str, Any] | None) -> None:
+    """On resume, the data must be what the run started on; records it on a first start."""
+    state = _run_state(output)
+    fingerprint = dataset.fingerprint()
+    recorded = state.get("dataset", {}).get("fingerprint")
+    changes = config_changes(previous, cfg) if previous is not None else {}
+    if previous is not None and recorded is None and "data.root" in changes:
+        raise ResumeError(f"cannot resume with a different data.root ({_show({'data.root': changes['data.root']})}): "
+                          "this run recorded no fingerprint of its data to compare with; use the run's "
+                          "data.root, --restart, or a new --output", field="data.root", path=str(output))
+    if recorded is not None and recorded != fingerprint:
+        moved = f" ({_show({'data.root': changes['data.root']})})" if "data.root" in changes else ""
+        raise ResumeError(f"the data set differs from the one this run started on{moved}: fingerprint "
+                          f"{recorded} -> {fingerprint}; use the run's data, --restart, or a new --output",
+                          field="data.root", path=str(output))
+    state.setdefault("dataset", {"name": dataset.name, "fingerprint": fingerprint})
+    if changes:
+        state.setdefault("resumes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                "changed": {k: list(v) for k, v in changes.items()}})
+    atomic_write_json(output / C.CHECKPOINT_DIR / RUN_STATE, state)
+
+
+def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restart: bool = False,
+                 progress: bool = True) -> dict:
+    """``captioner train``: the whole run into ``output`` (see README for the layout).
+
+    ``restart`` (or ``resume=False``) starts an existing run in ``output`` over; otherwise it is
+    continued, which needs the same config (up to RESUMABLE_FIELDS) and the same data.
+    """
     from captioner.export import export_saved_model
     from captioner.features.backbones import build_backbone
     output = Path(output)
-    _check_fresh(output, resume)
+    previous = _check_fresh(output, cfg, restart=restart or not resume)
     tracker = ExperimentTracker(output, seed=cfg.train.seed)
-    tracker.log_config(cfg)
+    if previous is None:
+        tracker.log_config(cfg)
+    else:
+        tracker.config = cfg.to_dict()  # saved once the data is known to be the run's own
     try:
         with tracker.time("data"):
             dataset = load_data(cfg)
+        _check_same_data(output, dataset, cfg, previous)
+    except ResumeError:
+        raise  # the resumed run is left exactly as it was
+    except BaseException as exc:
+        tracker.fail(exc)
+        raise
+    try:
+        tracker.log_config(cfg)
+        resumes = _run_state(output).get("resumes")
+        if resumes:
+            tracker.extra["resumed_with_changes"] = resumes
         tracker.extra["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                                     "images": {s: len(v) for s, v in dataset.splits.items()},
                                     "missing_images": dataset.missing_images}

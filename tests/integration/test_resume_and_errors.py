@@ -1,7 +1,9 @@
 """Resume after a kill, and clear errors for bad input (the CLI's exit code and one-line reason)."""
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,3 +125,98 @@ def test_finished_training_is_not_repeated_on_rerun(tmp_path):
     train_model(cfg, data, tokenizer, store, tmp_path, progress=False)
     assert (tmp_path / "metrics.csv").read_text() == before
     assert (tmp_path / "model.weights.h5").is_file()
+
+
+# -- an honest resume (issue #7) --------------------------------------------------------------------
+@pytest.fixture()
+def interrupted_run(smoke_run, tmp_path):
+    """A copy of the smoke run as if it had been killed after training (no run_summary.json yet)."""
+    out, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "run_summary.json").unlink()
+    return copy
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("change, shown", [("train.learning_rate=0.01", "train.learning_rate 0.003 -> 0.01"),
+                                           ("model.d_model=32", "model.d_model 64 -> 32")])
+def test_resume_with_a_changed_config_is_refused(interrupted_run, capsys, change, shown):
+    """Continuing a run with other hyper-parameters would mix two configurations (and a changed
+    model shape used to end in a raw Keras error): refused, naming the field, the run untouched."""
+    before = _tree(interrupted_run)
+    code, err = _cli_error(capsys, ["train", "--config", "smoke", "--output", str(interrupted_run), "--quiet",
+                                    "--set", change])
+    assert code == 2 and shown in err and "--restart" in err
+    assert "Traceback" not in err and "keras" not in err.lower()
+    assert _tree(interrupted_run) == before
+
+
+def test_resume_on_other_data_is_refused(interrupted_run, smoke_run, tmp_path, capsys):
+    from captioner.workflow import load_data
+
+    _, cfg = smoke_run
+    other = tmp_path / "other-data"
+    shutil.copytree(load_data(cfg).images_dir.parent, other)
+    captions = other / "captions.tsv"
+    captions.write_text(captions.read_text().replace("red", "crimson"))
+    before = _tree(interrupted_run)
+    code, err = _cli_error(capsys, ["train", "--config", "smoke", "--output", str(interrupted_run), "--quiet",
+                                    "--set", f"data.root={other}"])
+    assert code == 2 and "data.root" in err and "fingerprint" in err
+    assert _tree(interrupted_run) == before
+
+
+def test_extending_epochs_of_a_finished_training_is_refused(interrupted_run, capsys):
+    """More epochs would not train a run whose training finished: saying so beats recording 6 epochs."""
+    code, err = _cli_error(capsys, ["train", "--config", "smoke", "--output", str(interrupted_run), "--quiet",
+                                    "--set", "train.epochs=6"])
+    assert code == 2 and "train.epochs 4 -> 6" in err and "finished" in err
+
+
+def test_resume_policy():
+    """Which changes a resume accepts: how long and how it trains, where the data is, and everything
+    after training; not what is trained (model, tokenizer, features, data, optimisation)."""
+    from captioner.config import load_config
+    from captioner.workflow import _resumable, config_changes
+
+    old = load_config("smoke").to_dict()
+    new = load_config("smoke", ["train.epochs=9", "decode.beam_size=4", "export.warmup=false",
+                                "train.seed=1", "tokenizer.min_count=2", "features.flip_train=true"])
+    changes = config_changes(old, new)
+    assert changes["train.epochs"] == (4, 9) and set(changes) == {
+        "train.epochs", "decode.beam_size", "export.warmup", "train.seed", "tokenizer.min_count",
+        "features.flip_train"}
+    assert {name for name in changes if _resumable(name)} == {"train.epochs", "decode.beam_size", "export.warmup"}
+    assert not config_changes(old, load_config("smoke"))
+
+
+def test_restart_starts_over_and_keeps_the_users_files(smoke_run, tmp_path, capsys):
+    out, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    mine = {run / "notes.txt": os.urandom(32), run / "logs" / "my-notes.txt": os.urandom(32),
+            run / "checkpoints" / "mine.bin": os.urandom(32)}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    old_summary = (run / "run_summary.json").read_bytes()
+    code = main(["train", "--config", "smoke", "--output", str(run), "--quiet", "--restart",
+                 "--set", "train.epochs=1", "--set", "decode.beam_size=3"])
+    assert code == 0, capsys.readouterr().err
+    assert all(path.read_bytes() == data for path, data in mine.items())
+    assert [r["epoch"] for r in _rows(run)] == ["1"]
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert (run / "run_summary.json").read_bytes() != old_summary and summary["config"]["train"]["epochs"] == 1
+    assert json.loads((run / "config_snapshot.json").read_text())["decode"]["beam_size"] == 3
+    assert "resumed_with_changes" not in summary
+    assert (run / "saved_model" / "saved_model.pb").is_file()
+
+
+def test_no_resume_is_an_alias_of_restart():
+    from captioner.cli import train
+
+    option = next(p for p in train.params if "--restart" in p.opts)
+    assert "--no-resume" in option.opts and option.is_flag

@@ -8,16 +8,15 @@ written in the ``flickr8k`` layout (captions.tsv, splits/, images/) and read by 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from captioner.config import SyntheticConfig
 from captioner.constants import COMPLETE_MARKER
+from captioner.errors import CaptionerError, DataError
+from captioner.io_utils import atomic_directory, check_replaceable, only_entries
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 70, 230), "yellow": (240, 220, 30),
            "white": (245, 245, 245)}
@@ -93,16 +92,37 @@ def _two(rng: random.Random, size: int) -> tuple[Image.Image, list[str]]:
     return img, captions
 
 
+SYNTHETIC_ENTRIES = ("images", "splits", "captions.tsv", COMPLETE_MARKER)
+
+
+def is_synthetic_folder(root: Path) -> bool:
+    """A folder ``generate`` wrote: its marker (the generator's parameters) and nothing else beside it."""
+    try:
+        params = json.loads((root / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(params, dict) and "seed" in params and only_entries(root, SYNTHETIC_ENTRIES)
+
+
 def generate(root: Path | str, cfg: SyntheticConfig) -> Path:
-    """Write the data set to ``root`` (atomically) unless a complete copy with this config is there."""
+    """Write the data set to ``root`` (atomically) unless a complete copy with this config is there.
+
+    ``root`` must be new, empty, or a synthetic data set written here before (which is replaced when
+    its parameters differ): a user's folder is never replaced.
+    """
     root = Path(root)
     params = json.dumps(cfg.__dict__, sort_keys=True)
     marker = root / COMPLETE_MARKER
     if marker.is_file() and marker.read_text() == params:
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
+        check_replaceable(root, is_synthetic_folder)
+    except CaptionerError:
+        raise DataError("data.format=synthetic would generate a data set here, but this folder is not empty and "
+                        "is not a synthetic data set this project made; nothing was changed. If it holds your "
+                        f"own captioned images, give their config, e.g. --config flickr8k --set data.root={root}",
+                        path=str(root), field="data.root") from None
+    with atomic_directory(root, is_synthetic_folder) as tmp:
         (tmp / "images").mkdir()
         (tmp / "splits").mkdir()
         rng = random.Random(cfg.seed)
@@ -119,10 +139,4 @@ def generate(root: Path | str, cfg: SyntheticConfig) -> Path:
             (tmp / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
         (tmp / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (tmp / COMPLETE_MARKER).write_text(params)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
