@@ -170,6 +170,18 @@ def test_resume_on_other_data_is_refused(interrupted_run, smoke_run, tmp_path, c
     assert _tree(interrupted_run) == before
 
 
+def test_resume_with_an_allowed_change_is_recorded(interrupted_run, capsys):
+    """A change that does not alter what was trained (here the test beam size) is accepted, and the
+    run says so: the snapshot holds the new value and run_summary.json the change, old -> new."""
+    code = main(["train", "--config", "smoke", "--output", str(interrupted_run), "--quiet",
+                 "--set", "decode.beam_size=3"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((interrupted_run / "run_summary.json").read_text())
+    assert [r["changed"] for r in summary["resumed_with_changes"]] == [{"decode.beam_size": [2, 3]}]
+    assert summary["config"]["decode"]["beam_size"] == 3
+    assert json.loads((interrupted_run / "evaluation.json").read_text())["beam"]["beam_size"] == 3
+
+
 def test_extending_epochs_of_a_finished_training_is_refused(interrupted_run, capsys):
     """More epochs would not train a run whose training finished: saying so beats recording 6 epochs."""
     code, err = _cli_error(capsys, ["train", "--config", "smoke", "--output", str(interrupted_run), "--quiet",

@@ -173,6 +173,17 @@ def test_extract_refuses_a_users_folder_as_cache(tmp_path, capsys):
     assert sentinel.read_bytes() == content and [p.name for p in (tmp_path / "mine").iterdir()] == ["index.json"]
 
 
+def test_extract_into_its_own_cache_leaves_a_users_file_alone(tmp_path, capsys):
+    """Shards, index and hashes are rewritten in a feature cache; a user's file beside them is not."""
+    cache = tmp_path / "cache"
+    assert main(["extract", "--quiet", "--cache", str(cache), *SMALL]) == 0, capsys.readouterr().err
+    sentinel, content = _sentinel(cache)
+    more = [arg.replace("num_train=6", "num_train=9") for arg in SMALL]
+    assert main(["extract", "--quiet", "--cache", str(cache), "--set", f"data.root={tmp_path / 'more'}",
+                 *more]) == 0, capsys.readouterr().err
+    assert sentinel.read_bytes() == content
+
+
 def test_evaluate_never_overwrites_a_users_file(run_copy, tmp_path, capsys):
     sentinel, content = _sentinel(tmp_path, "results.json")
     err = _fails(capsys, ["evaluate", "--model", str(run_copy), "--output", str(sentinel)])
