@@ -33,7 +33,8 @@ weights:
 	else echo "no $(SHARED)/weights: real-data backbones will need their weights in $(KERAS_HOME)/models"; fi
 
 demo: setup  ## the main job on the offline default: the whole pipeline (train, evaluate, gate, register)
-	$(BIN)/captioner pipeline run --local --config synthetic --pipeline-root runs/pipeline --model-repo models
+	$(BIN)/captioner pipeline run --local --config synthetic --pipeline-root runs/pipeline --model-repo models \
+	  --serving-base-path /models
 	$(BIN)/captioner runs show latest --pipeline-root runs/pipeline
 	$(BIN)/captioner caption --model models/captioner/$$(ls models/captioner | grep -E '^[0-9]+$$' | sort -n | tail -1) \
 	  --beam-size 3 $$($(BIN)/python -c "from captioner.workflow import load_data; \

@@ -73,14 +73,21 @@ def _outputs_from_cache(cache_root: Path, key_prefix: str) -> dict[str, Any]:
 
 def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, pipeline_root: str | Path,
               model_repo: str, model_name: str = "captioner", bleu4_floor: float = 0.1, tolerance: float = 0.005,
-              image: str = DEFAULT_IMAGE, cache: bool = True) -> dict[str, Any]:
-    """Run the whole DAG locally; returns (and saves) the run record. Raises CaptionerError on a failed step."""
+              image: str = DEFAULT_IMAGE, cache: bool = True, serving_base_path: str | None = None) -> dict[str, Any]:
+    """Run the whole DAG locally; returns (and saves) the run record. Raises CaptionerError on a failed step.
+
+    ``serving_base_path`` (e.g. ``/models``, where a TF Serving container mounts the repository) is
+    stored in the repository, so models.config names it from this run's registration on."""
     from kfp import local
+
+    from captioner.registry import ModelRepository
 
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     if not str(model_repo).startswith("gs://"):
         model_repo = str(Path(model_repo).resolve())
+    if serving_base_path is not None:
+        ModelRepository(model_repo, serving_base_path=serving_base_path)
     before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                enable_caching=cache, raise_on_error=True)

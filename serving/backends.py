@@ -101,24 +101,52 @@ class LocalBackend:
         self.on_decode: DecodeHook | None = None
 
     # -- loading ---------------------------------------------------------------------------------
-    def _target(self) -> tuple[Path, str] | None:
+    def _target(self) -> tuple[str, str] | None:
+        """``(location, version)`` of the version to serve: a listing and labels.json, no download."""
         if self.model_dir:
-            return Path(self.model_dir), Path(self.model_dir).name
+            return str(self.model_dir), Path(self.model_dir).name
         from captioner.registry import STABLE, ModelRepository
 
-        repo = ModelRepository(self.model_repo)
+        if getattr(self, "_repository", None) is None:  # one storage client for the poller's lifetime
+            self._repository = ModelRepository(self.model_repo)
+        repo = self._repository
         versions = repo.versions(self.model_name)
         if not versions:
             return None
         stable = repo.labels(self.model_name).get(STABLE)
         version = stable if stable in versions else versions[-1]
-        path = repo.model_path(self.model_name, version)
-        if path.startswith("gs://"):
-            import tempfile
+        return repo.model_path(self.model_name, version), str(version)
 
-            local = Path(tempfile.mkdtemp(prefix=f"captioner-{version}-"))
-            path = str(repo.storage.download_dir(path, local))
-        return Path(path), str(version)
+    def _local_path(self, location: str, version: str) -> Path:
+        """A local folder for ``location``: itself, or for ``gs://`` one download per version into
+        this backend's own cache folder (made on first use, removed at exit)."""
+        if not location.startswith("gs://"):
+            return Path(location)
+        import atexit
+        import os
+        import shutil
+        import tempfile
+
+        if getattr(self, "_cache", None) is None:
+            self._cache = Path(tempfile.mkdtemp(prefix="captioner-gateway-"))
+            atexit.register(shutil.rmtree, self._cache, True)
+        local = self._cache / version
+        if not (local / "saved_model.pb").is_file():
+            partial = self._cache / f".{version}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            self._repository.storage.download_dir(location, partial)
+            os.rename(partial, local)
+        return local
+
+    def _prune(self, keep: set[str]) -> None:
+        """Delete this backend's downloaded copies of versions it no longer serves or tries."""
+        import shutil
+
+        cache = getattr(self, "_cache", None)
+        if cache is not None and cache.is_dir():
+            for entry in cache.iterdir():
+                if entry.name not in keep:
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def load_latest(self) -> bool:
         """Load the newest (or ``stable``) version if it is not the one served; True if it swapped."""
@@ -132,10 +160,11 @@ class LocalBackend:
         if target is None:
             self.last_error = f"no version of {self.model_name!r} in {self.model_repo}"
             return False
-        path, version = target
+        location, version = target
         if self._current is not None and self._current[1] == version:
             return False
         try:
+            path = self._local_path(location, version)
             model = SavedModelCaptioner(path)
             pixels = np.zeros((1, model.image_size, model.image_size, 3), np.uint8)
             model.caption_pixels(pixels, beam_size=int(model.metadata["beam_size"]))  # warm up before serving
@@ -146,7 +175,9 @@ class LocalBackend:
         with self._lock:
             self._current = (model, version)
         self.last_error = None
-        log.info("serving %s version %s from %s", self.model_name, version, path)
+        # The loaded model holds its variables and vocabulary in memory; the superseded copy can go.
+        self._prune({version})
+        log.info("serving %s version %s from %s", self.model_name, version, location)
         return True
 
     def start(self) -> LocalBackend:
@@ -159,6 +190,7 @@ class LocalBackend:
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             self.load_latest()
+        self._prune(set())  # closed: the served model is in memory, its downloaded copy is not needed
 
     def close(self) -> None:
         self._stop.set()

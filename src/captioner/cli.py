@@ -275,15 +275,20 @@ def pipeline_compile(output: Path, image: str | None) -> None:
 @click.option("--pipeline-root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/pipeline"),
               show_default=True, help="Where task outputs, the cache and run records go.")
 @click.option("--no-cache", is_flag=True, help="Run every step even if its inputs are unchanged.")
+@click.option("--serving-base-path", default=None,
+              help="Where TF Serving sees the model repository (e.g. /models, the docker-compose mount); "
+                   "models.config names it. Kept in the repository for later writes.")
 @_pipeline_options
-def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, config_name: str, overrides: tuple[str, ...],
-                 model_repo: str, model_name: str, bleu4_floor: float, tolerance: float) -> None:
+def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_base_path: str | None,
+                 config_name: str, overrides: tuple[str, ...], model_repo: str, model_name: str, bleu4_floor: float,
+                 tolerance: float) -> None:
     """Run the whole DAG locally; print the run id, the gate decision and the registered version."""
     from captioner.pipelines.local import run_local
 
     _config(config_name, overrides)  # fail fast, with the field named, before any step starts
     record = run_local(config_name, list(overrides), pipeline_root=pipeline_root, model_repo=model_repo,
-                       model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance, cache=not no_cache)
+                       model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance, cache=not no_cache,
+                       serving_base_path=serving_base_path)
     gate = record["gate"]
     click.echo(f"run: {record['run_id']} ({record['seconds']:.1f}s)")
     click.echo(f"gate: {'passed' if gate['passed'] else 'rejected'}: {gate['reason']}")

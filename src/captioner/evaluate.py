@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from captioner.data.tokenizer import normalize
 
@@ -97,3 +98,44 @@ def quick_bleu4(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str
     refs, hyps = _tokenize(references, hypotheses, use_ptb=False)
     hyps = {k: [h[0] if h[0].strip() else "<empty>"] for k, h in hyps.items()}
     return float(Bleu(4).compute_score(refs, hyps, verbose=0)[0][3])
+
+
+def split_fingerprint(dataset, split: str = "test") -> dict[str, Any]:
+    """What a test split is, for the gate and its cache: data set name, the split, its number of
+    images and a digest over each image's name, bytes and reference captions (a changed photo or
+    caption is a different split)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    images = dataset.splits[split]
+    for image in images:
+        digest.update(image.encode() + b"\0")
+        path = dataset.image_path(image)
+        if path.is_file():
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        for caption in dataset.captions[image]:
+            digest.update(b"\0" + caption.encode())
+        digest.update(b"\n")
+    return {"dataset": dataset.name, "split": split, "images": len(images), "fingerprint": digest.hexdigest()[:16]}
+
+
+def score_saved_model(saved_model_dir, dataset, split: str = "test", *, beam_size: int, max_length: int,
+                      meteor: str = "auto", batch_size: int = 32) -> dict[str, Any]:
+    """COCO scores of an exported SavedModel on a split's images: its own preprocessing and input
+    size, its own length penalty, the given beam size and maximum length (as a candidate decoded)."""
+    from captioner.predictor import SavedModelCaptioner
+
+    captioner = SavedModelCaptioner(saved_model_dir)
+    images = dataset.splits[split]
+    hypotheses: dict[str, str] = {}
+    for offset in range(0, len(images), batch_size):
+        batch = images[offset:offset + batch_size]
+        results = captioner.caption_files([dataset.image_path(i) for i in batch], beam_size=beam_size,
+                                          max_length=max_length)
+        hypotheses.update((image, result.caption) for image, result in zip(batch, results, strict=True))
+    scores = coco_scores(dataset.split_captions(split), hypotheses, meteor=meteor)
+    scores.update({"beam_size": beam_size, "max_length": max_length,
+                   "length_penalty": float(captioner.metadata["length_penalty"])})
+    return scores

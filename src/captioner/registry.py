@@ -8,24 +8,34 @@
 it appears in one rename; on GCS ``saved_model.pb`` is uploaded last and a version counts only when
 it is there. ``ModelVersionManager`` keeps the seed system's API (register, list, get, compare,
 promote/roll back).
+
+    <repo>/repository.json                  settings kept across writers (``serving_base_path``)
+    <repo>/<model_name>/.scores/<key>.json  a champion's scores on a candidate's test split (cache)
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from captioner.constants import METADATA_JSON
 from captioner.errors import CaptionerError
-from captioner.storage import join, storage_for
+from captioner.storage import PublishConflict, join, storage_for
 
 STABLE = "stable"
 LABELS_FILE = "labels.json"
 MODELS_CONFIG = "models.config"
+SETTINGS_FILE = "repository.json"
+SCORES_DIR = ".scores"
+PUBLISH_ATTEMPTS = 5
 
 
 class RegistryError(CaptionerError):
@@ -34,35 +44,65 @@ class RegistryError(CaptionerError):
 
 @dataclass(frozen=True)
 class GateDecision:
+    """The gate's verdict. ``champion_bleu4`` is the champion's BLEU-4 on the candidate's test split
+    (re-scored, like with like); ``champion_stored_bleu4`` is what its own evaluation recorded, on
+    whatever data it was tested on, kept for the record only."""
+
     passed: bool
     reason: str
     candidate_bleu4: float
     champion_version: int | None
     champion_bleu4: float | None
+    champion_stored_bleu4: float | None = None
+    split: dict[str, Any] | None = None  # {"dataset", "split", "fingerprint", "images"}
+    champion_scored: str | None = None  # "rescored" | "cached" | "same model"
+    decode: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+def describe_split(split: dict[str, Any] | None) -> str:
+    if not split:
+        return "the test split"
+    return (f"{split.get('dataset', '?')} {split.get('split', 'test')} split "
+            f"(fingerprint {str(split.get('fingerprint', ''))[:8]}, {split.get('images', '?')} images)")
+
+
 def gate(candidate_bleu4: float, champion_bleu4: float | None, *, floor: float, tolerance: float,
-         champion_version: int | None = None) -> GateDecision:
-    """Pass iff BLEU-4 >= floor AND (no champion OR BLEU-4 >= champion - tolerance)."""
+         champion_version: int | None = None, split: dict[str, Any] | None = None,
+         champion_stored_bleu4: float | None = None, champion_scored: str | None = None,
+         decode: dict[str, Any] | None = None) -> GateDecision:
+    """Pass iff BLEU-4 >= floor AND (no champion OR BLEU-4 >= champion - tolerance).
+
+    ``champion_bleu4`` must be the champion's score on the same split with the same decoding and
+    scorer as ``candidate_bleu4`` (``workflow.evaluate_and_gate`` re-scores it); a score the
+    champion got on other data says nothing about this candidate."""
+    where = describe_split(split)
+
+    def decision(passed: bool, reason: str) -> GateDecision:
+        return GateDecision(passed, reason, candidate_bleu4, champion_version, champion_bleu4,
+                            champion_stored_bleu4, split, champion_scored, decode)
+
+    if champion_version is None and champion_bleu4 is None:
+        versus = "no champion (first model)"
+    elif champion_bleu4 is None:
+        versus = f"champion v{champion_version} has no score on it"
+    else:
+        versus = f"champion v{champion_version} has {champion_bleu4:.4f} on it"
     if candidate_bleu4 < floor:
-        return GateDecision(False, f"BLEU-4 {candidate_bleu4:.4f} is below the floor {floor:.4f}", candidate_bleu4,
-                            champion_version, champion_bleu4)
+        return decision(False, f"BLEU-4 {candidate_bleu4:.4f} on {where} is below the floor {floor:.4f}; {versus}")
+    if champion_version is not None and champion_bleu4 is None:
+        return decision(False, f"champion v{champion_version} has no score on {where}: cannot compare")
     if champion_bleu4 is not None and candidate_bleu4 < champion_bleu4 - tolerance:
-        return GateDecision(False, f"BLEU-4 {candidate_bleu4:.4f} is worse than champion v{champion_version} "
-                            f"({champion_bleu4:.4f}) by more than {tolerance:.4f}", candidate_bleu4,
-                            champion_version, champion_bleu4)
-    why = "first model" if champion_bleu4 is None else f"champion v{champion_version} has {champion_bleu4:.4f}"
-    return GateDecision(True, f"BLEU-4 {candidate_bleu4:.4f} >= floor {floor:.4f}; {why}", candidate_bleu4,
-                        champion_version, champion_bleu4)
+        return decision(False, f"BLEU-4 {candidate_bleu4:.4f} on {where} is worse than champion "
+                               f"v{champion_version} ({champion_bleu4:.4f} on the same split) by more than "
+                               f"{tolerance:.4f}")
+    return decision(True, f"BLEU-4 {candidate_bleu4:.4f} on {where} >= floor {floor:.4f}; {versus}")
 
 
 def content_digest(folder: Path) -> str:
     """SHA-256 over the relative paths and bytes of every file: equal digests, equal models."""
-    import hashlib
-
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
@@ -73,9 +113,31 @@ def content_digest(folder: Path) -> str:
 
 
 class ModelRepository:
-    def __init__(self, root: str | Path):
+    """``serving_base_path``: the folder TF Serving sees the repository as (``/models`` when a
+    container mounts it there); ``models.config`` names ``<serving_base_path>/<model_name>``. Given
+    once, it is stored in ``repository.json`` so that later writers (a label change, the next
+    registration) keep it; ``""`` goes back to the repository's own location."""
+
+    def __init__(self, root: str | Path, serving_base_path: str | None = None):
         self.root = str(root).rstrip("/")
         self.storage = storage_for(self.root)
+        if serving_base_path is not None and serving_base_path.rstrip("/") != self.serving_base_path:
+            settings = {**self.settings(), "serving_base_path": serving_base_path.rstrip("/")}
+            self.storage.write_text(join(self.root, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True))
+            self.write_models_config()
+
+    def settings(self) -> dict[str, Any]:
+        path = join(self.root, SETTINGS_FILE)
+        if not self.storage.exists(path):
+            return {}
+        try:
+            return json.loads(self.storage.read_text(path))
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"not valid JSON ({exc.msg}, line {exc.lineno})", path=path) from None
+
+    @property
+    def serving_base_path(self) -> str:
+        return str(self.settings().get("serving_base_path") or "")
 
     def model_path(self, name: str, version: int | None = None) -> str:
         return join(self.root, name) if version is None else join(self.root, name, str(version))
@@ -111,36 +173,78 @@ class ModelRepository:
         return version, self.metadata(name, version)
 
     def find_by_content(self, name: str, digest: str) -> int | None:
-        """The version whose SavedModel has this content digest, if one was registered already."""
+        """The version whose SavedModel has this content digest (as published, or as it was before
+        registration re-exported it with its metrics), if one was registered already."""
         for version in self.versions(name):
-            if self.metadata(name, version).get("content_sha256") == digest:
+            metadata = self.metadata(name, version)
+            if digest in (metadata.get("content_sha256"), metadata.get("source_sha256")):
                 return version
         return None
 
+    @contextlib.contextmanager
+    def local_copy(self, name: str, version: int) -> Iterator[Path]:
+        """The version's folder on this machine (a temporary download for ``gs://``, removed after)."""
+        path = self.model_path(name, version)
+        if not path.startswith("gs://"):
+            yield Path(path)
+            return
+        with tempfile.TemporaryDirectory(prefix=f"captioner-{name}-{version}-") as scratch:
+            yield self.storage.download_dir(path, Path(scratch) / "version")
+
+    # -- the champion's scores on candidates' test splits, cached --------------------------------
+    def _scores_path(self, name: str, key: dict[str, Any]) -> str:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return join(self.model_path(name), SCORES_DIR, f"{digest}.json")
+
+    def cached_scores(self, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
+        path = self._scores_path(name, key)
+        if not self.storage.exists(path):
+            return None
+        try:
+            record = json.loads(self.storage.read_text(path))
+        except json.JSONDecodeError:
+            return None  # a damaged cache entry is re-scored and rewritten
+        return record.get("scores") if record.get("key") == key else None
+
+    def save_scores(self, name: str, key: dict[str, Any], scores: dict[str, Any]) -> None:
+        record = {"key": key, "scores": scores, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.storage.write_text(self._scores_path(name, key), json.dumps(record, indent=2, sort_keys=True))
+
     def publish(self, name: str, saved_model_dir: Path | str, metadata: dict[str, Any],
                 version: int | None = None) -> int:
-        """Copy a SavedModel in as the next integer version (atomically) and refresh models.config."""
+        """Copy a SavedModel in as the next integer version (atomically) and refresh models.config.
+
+        Two registrations racing for the same next number both succeed: the one that loses the
+        publication (``PublishConflict``) takes the number after. An explicit ``version`` that
+        exists is an error: versions are never overwritten."""
         saved_model_dir = Path(saved_model_dir)
         if not (saved_model_dir / "saved_model.pb").is_file():
             raise RegistryError("not a SavedModel folder (no saved_model.pb)", path=str(saved_model_dir))
         metadata = {**metadata, "content_sha256": content_digest(saved_model_dir)}
-        existing = self.storage.list_dirs(self.model_path(name))
-        taken = {int(d) for d in existing if d.isdigit()}
-        version = version or max(taken, default=0) + 1
-        if version in taken:
-            raise RegistryError(f"version {version} of {name!r} exists; versions are never overwritten",
-                                path=self.model_path(name, version))
-        with tempfile.TemporaryDirectory(prefix="captioner-publish-") as scratch:
-            staged = Path(scratch) / "version"
-            import shutil
-
-            shutil.copytree(saved_model_dir, staged)
-            record = {**metadata, "model_name": name, "version": version,
-                      "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            (staged / METADATA_JSON).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-            self.storage.publish_dir(staged, self.model_path(name, version))
-        self.write_models_config()
-        return version
+        chosen = version
+        for _ in range(PUBLISH_ATTEMPTS):
+            taken = {int(d) for d in self.storage.list_dirs(self.model_path(name)) if d.isdigit()}
+            version = chosen or max(taken, default=0) + 1
+            if version in taken:
+                raise RegistryError(f"version {version} of {name!r} exists; versions are never overwritten",
+                                    path=self.model_path(name, version))
+            with tempfile.TemporaryDirectory(prefix="captioner-publish-") as scratch:
+                staged = Path(scratch) / "version"
+                shutil.copytree(saved_model_dir, staged)
+                record = {**metadata, "model_name": name, "version": version,
+                          "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                (staged / METADATA_JSON).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+                try:
+                    self.storage.publish_dir(staged, self.model_path(name, version))
+                except PublishConflict:
+                    if chosen is not None:
+                        raise RegistryError(f"version {version} of {name!r} exists; versions are never "
+                                            "overwritten", path=self.model_path(name, version)) from None
+                    continue
+            self.write_models_config()
+            return version
+        raise RegistryError(f"could not claim a version number in {PUBLISH_ATTEMPTS} attempts (other "
+                            "registrations kept taking them)", path=self.model_path(name))
 
     def set_label(self, name: str, label: str, version: int) -> None:
         if version not in self.versions(name):
@@ -156,12 +260,13 @@ class ModelRepository:
 
     def models_config(self) -> str:
         """TF Serving ``--model_config_file`` text: each model's stable and newest versions, labelled."""
+        base = self.serving_base_path or self.root
         blocks = []
         for name in self.models():
             versions = self.versions(name)
             labels = {k: v for k, v in self.labels(name).items() if isinstance(v, int) and v in versions}
             serve = sorted({versions[-1], *labels.values()})
-            lines = [f'    name: "{name}"', f'    base_path: "{self.model_path(name)}"',
+            lines = [f'    name: "{name}"', f'    base_path: "{join(base, name)}"',
                      '    model_platform: "tensorflow"',
                      "    model_version_policy { specific { "
                      + " ".join(f"versions: {v}" for v in serve) + " } }"]
@@ -185,8 +290,8 @@ class ModelVersionManager:
         manager.rollback()          # "stable" back to the version it had before
     """
 
-    def __init__(self, root: str | Path, model_name: str = "captioner"):
-        self.repository = ModelRepository(root)
+    def __init__(self, root: str | Path, model_name: str = "captioner", serving_base_path: str | None = None):
+        self.repository = ModelRepository(root, serving_base_path)
         self.model_name = model_name
 
     def register_version(self, model_path: str | Path, metrics: dict[str, Any] | None = None,

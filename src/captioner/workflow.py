@@ -381,8 +381,15 @@ def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *
                       bleu4_floor: float, tolerance: float, report_html: Path | str | None = None,
                       progress: bool = True) -> tuple[dict[str, Any], Any]:
     """Evaluate a trained model on the test split, write the HTML report, and decide the gate
-    against the champion in ``model_repo``. Returns ``(evaluation report, GateDecision)``."""
-    from captioner.registry import ModelRepository, gate
+    against the champion in ``model_repo``. Returns ``(evaluation report, GateDecision)``.
+
+    Like with like, as TFX's Evaluator does with its baseline: the champion (``stable``, else the
+    newest version) is re-scored through its own SavedModel on this candidate's test images, with
+    the candidate's beam size and maximum length and the same COCO scorer; the BLEU-4 it stored at
+    its own registration was measured on its own data and only goes on the record. The re-score is
+    cached in the repository per (champion content, split fingerprint, decoding, scorer)."""
+    from captioner.evaluate import java_available, score_saved_model, split_fingerprint
+    from captioner.registry import ModelRepository, content_digest, gate
     from captioner.reports import attention_example, evaluation_html
     from captioner.train import load_trained
 
@@ -391,11 +398,41 @@ def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *
     cfg = with_overrides(cfg, {"decode": spec.full_config.to_dict()["decode"]})
     dataset = load_data(cfg)
     report = evaluate_model(model, tokenizer, store, dataset, cfg, progress=progress)
-    champion_version, champion = ModelRepository(model_repo).champion(model_name)
-    champion_bleu4 = (champion or {}).get("metrics", {}).get("bleu4")
+    split = split_fingerprint(dataset, report["split"])
+    report["split_fingerprint"] = split
+    decode = {"beam_size": cfg.decode.beam_size, "max_length": cfg.decode.max_length}
+    repository = ModelRepository(model_repo)
+    champion_version, champion = repository.champion(model_name)
+    champion_bleu4 = stored_bleu4 = scored = None
+    if champion is not None:
+        stored_bleu4 = (champion.get("metrics") or {}).get("bleu4")
+        candidate_digest = (content_digest(model_dir / C.SAVED_MODEL_DIR)
+                            if (model_dir / C.SAVED_MODEL_DIR).is_dir() else None)
+        if candidate_digest and candidate_digest in (champion.get("content_sha256"), champion.get("source_sha256")):
+            champion_bleu4, scored = float(report["bleu4"]), "same model"
+        else:
+            scorer = {"meteor": cfg.eval.meteor, "tokenizer": "ptb" if java_available() else "captioner.normalize"}
+            key = {"champion_sha256": champion.get("content_sha256"), "split": split, "decode": decode,
+                   "scorer": scorer}
+            scores, scored = repository.cached_scores(model_name, key), "cached"
+            if scores is None:
+                try:
+                    with repository.local_copy(model_name, champion_version) as path:
+                        scores = score_saved_model(path, dataset, report["split"], meteor=cfg.eval.meteor, **decode)
+                except Exception as exc:  # a champion that cannot be re-scored must not pass anything by default
+                    log.error("champion v%s could not be re-scored: %s", champion_version, exc)
+                    report["champion_error"] = f"{type(exc).__name__}: {exc}"
+                else:
+                    repository.save_scores(model_name, key, scores)
+                    scored = "rescored"
+            champion_bleu4 = float(scores["bleu4"]) if scores else None
+            report["champion_scores"] = scores
     decision = gate(float(report["bleu4"]), champion_bleu4, floor=bleu4_floor, tolerance=tolerance,
-                    champion_version=champion_version)
+                    champion_version=champion_version, split=split, champion_stored_bleu4=stored_bleu4,
+                    champion_scored=scored, decode=decode)
     report["gate"] = decision.to_dict()
+    if progress:
+        print(f"gate: {'passed' if decision.passed else 'rejected'}: {decision.reason}", flush=True)
     if report_html:
         test = dataset.splits[report["split"]]
         paths = {image: dataset.image_path(image) for image in test[: cfg.eval.num_samples]}
@@ -413,18 +450,39 @@ def register_model(model_dir: Path | str, model_repo: str, model_name: str, eval
 
     Returns ``(version, created)``: a SavedModel already in the repository (same content, e.g. a
     rerun whose steps all came from the cache) is not registered twice.
+
+    The metrics go into the version's ``metadata.json`` and into the SavedModel itself (its
+    ``metadata`` signature and ``assets.extra/metadata.json``, which the gateway's ``/model/info``
+    shows with either backend, TF Serving included): a SavedModel exported before it was evaluated
+    (the pipeline's train step) is exported again from the same trained weights, with the metrics,
+    and ``source_sha256`` keeps the digest of the evaluated export for de-duplication.
     """
+    import tempfile
+
+    from captioner.export import export_saved_model, read_metadata
+    from captioner.features.backbones import build_backbone
     from captioner.registry import ModelRepository, content_digest
     from captioner.tracking import git_commit
-    from captioner.train import ModelSpec
+    from captioner.train import ModelSpec, load_trained
 
     model_dir = Path(model_dir)
+    saved_model = model_dir / C.SAVED_MODEL_DIR
     repository = ModelRepository(model_repo)
-    existing = repository.find_by_content(model_name, content_digest(model_dir / C.SAVED_MODEL_DIR))
+    source_digest = content_digest(saved_model)
+    existing = repository.find_by_content(model_name, source_digest)
     if existing is not None:
         return existing, False
     spec = ModelSpec(**json.loads((model_dir / "model.json").read_text()))
     metrics = {k: evaluation.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")}
     record = {"metrics": metrics, "greedy_metrics": evaluation.get("greedy"), "config": spec.config,
+              "evaluation_split": evaluation.get("split_fingerprint"), "source_sha256": source_digest,
               "git_commit": git_commit(), "framework": "tensorflow", **metadata}
-    return repository.publish(model_name, model_dir / C.SAVED_MODEL_DIR, record), True
+    if read_metadata(saved_model).get("metrics") == metrics:
+        return repository.publish(model_name, saved_model, record), True
+    with tempfile.TemporaryDirectory(prefix="captioner-register-") as scratch:
+        model, _, spec = load_trained(model_dir)
+        cfg = spec.full_config
+        backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
+        export_saved_model(backbone, model, model_dir, Path(scratch) / C.SAVED_MODEL_DIR, cfg, metrics,
+                           read_metadata(saved_model).get("model_name", model_name))
+        return repository.publish(model_name, Path(scratch) / C.SAVED_MODEL_DIR, record), True
