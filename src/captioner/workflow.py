@@ -279,7 +279,13 @@ def _check_fresh(output: Path, cfg: Config, restart: bool = False) -> dict[str, 
     snapshot = output / C.CONFIG_SNAPSHOT
     if not snapshot.is_file():
         return None  # failed before its config was saved: nothing to resume
-    previous = json.loads(snapshot.read_text())
+    try:
+        previous = json.loads(snapshot.read_text())
+    except ValueError:
+        raise ResumeError("damaged config snapshot: this run cannot be checked, so it is not continued; use "
+                          "--restart or a new --output", path=str(snapshot)) from None
+    if not isinstance(previous, dict):
+        raise ResumeError("not a config snapshot; use --restart or a new --output", path=str(snapshot))
     changes = config_changes(previous, cfg)
     fixed = {name: change for name, change in changes.items() if not _resumable(name)}
     if fixed:
