@@ -14,6 +14,11 @@ from captioner.pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, compile_p
 
 from captioner.errors import CaptionerError
 
+# None, not True: both clients apply a run-level True to EVERY task, overriding the compiled
+# per-task options, so the fingerprint and evaluate steps (never cached) would be answered from the
+# cache and a scheduled run over new data would retrain nothing. None keeps the compiled options.
+COMPILED_CACHING = None
+
 
 def pipeline_parameters(config: str, overrides: list[str], model_repo: str, model_name: str = "captioner",
                         bleu4_floor: float = 0.1, tolerance: float = 0.005, accelerator_type: str | None = None,
@@ -53,7 +58,7 @@ def submit_kfp(host: str, params: dict[str, Any], *, experiment: str = "captione
         client = kfp.Client(host=host)
     run = client.create_run_from_pipeline_package(
         _package(package, image), arguments=params, run_name=run_name or f"{PIPELINE_NAME}-{params['config']}",
-        experiment_name=experiment, enable_caching=True)
+        experiment_name=experiment, enable_caching=COMPILED_CACHING)
     return run.run_id
 
 
@@ -67,7 +72,7 @@ def schedule_kfp(host: str, cron: str, params: dict[str, Any], *, experiment: st
     experiment_id = client.create_experiment(name=experiment).experiment_id
     job = client.create_recurring_run(
         experiment_id=experiment_id, job_name=name, cron_expression=kfp_cron(cron), max_concurrency=1,
-        pipeline_package_path=_package(package, image), params=params, enable_caching=True)
+        pipeline_package_path=_package(package, image), params=params, enable_caching=COMPILED_CACHING)
     return job.recurring_run_id
 
 
@@ -77,7 +82,8 @@ def _vertex_job(aiplatform, project: str, region: str, pipeline_root: str, param
         raise CaptionerError("Vertex AI Pipelines needs a gs:// --pipeline-root", field="pipeline_root")
     aiplatform.init(project=project, location=region)
     return aiplatform.PipelineJob(display_name=display_name, template_path=_package(package, image),
-                                  pipeline_root=pipeline_root, parameter_values=params, enable_caching=True,
+                                  pipeline_root=pipeline_root, parameter_values=params,
+                                  enable_caching=COMPILED_CACHING,
                                   project=project, location=region)
 
 

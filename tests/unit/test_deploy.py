@@ -49,7 +49,9 @@ def test_submit_to_kubeflow_sends_the_compiled_package_and_parameters(tmp_path):
     assert deploy.submit_kfp("http://kfp.example", PARAMS, experiment="nightly", client=client) == "run-123"
     name, args = client.calls[0]
     assert name == "create_run_from_pipeline_package"
-    assert args["arguments"] == PARAMS and args["experiment_name"] == "nightly" and args["enable_caching"] is True
+    assert args["arguments"] == PARAMS and args["experiment_name"] == "nightly"
+    # Not True: a run-level setting overrides every task's, caching the never-cached fingerprint step.
+    assert args["enable_caching"] is None
     spec = yaml.safe_load(Path(args["pipeline_file"]).read_text())
     assert spec["pipelineInfo"]["name"] == "captioner-training"
 
@@ -64,7 +66,7 @@ def test_schedule_on_kubeflow_uses_six_field_cron(tmp_path):
     assert experiment["name"] == "captioner" and name == "create_recurring_run"
     assert args["cron_expression"] == "0 0 3 * * 1" and args["experiment_id"] == "e1"
     assert args["pipeline_package_path"] == str(package) and args["params"] == PARAMS
-    assert args["max_concurrency"] == 1
+    assert args["max_concurrency"] == 1 and args["enable_caching"] is None
     with pytest.raises(CaptionerError, match="expected 5 fields"):
         deploy.kfp_cron("every monday")
 
@@ -104,7 +106,7 @@ def test_submit_and_schedule_on_vertex():
     assert calls["init"] == {"project": "proj", "location": "us-central1"}
     job = calls["PipelineJob"]
     assert job["parameter_values"] == PARAMS and job["pipeline_root"] == "gs://bucket/root"
-    assert job["enable_caching"] is True and Path(job["template_path"]).is_file()
+    assert job["enable_caching"] is None and Path(job["template_path"]).is_file()
     assert calls["submit"] == {"service_account": "sa@x", "experiment": "captioner"}
 
     fake = FakeAiplatform()
