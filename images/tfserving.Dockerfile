@@ -1,5 +1,6 @@
 # TF Serving on GPU with the project's batching and monitoring config baked in; the models come
-# from the repository the pipeline registers into (--model_config_file on GCS).
+# from the repository the pipeline registers into (--model_config_file on GCS). Batching is on for
+# every signature: the export keeps all of them batchable (see serving/deploy/batching_parameters.txt).
 FROM tensorflow/serving:2.21.0-gpu
 
 COPY serving/deploy/batching_parameters.txt serving/deploy/monitoring.config /config/

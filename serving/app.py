@@ -249,7 +249,8 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
             except ImageError as exc:
                 raise ClientError(422, str(exc), "undecodable_image") from None
         prepared = time.perf_counter()
-        results, version = model.caption(np.stack(pixels), decode), model.version
+        results = model.caption(np.stack(pixels), decode)
+        version = model.version  # after caption: the version that decoded
         g.model_version = version
         _record_version(version)
         done = time.perf_counter()

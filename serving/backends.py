@@ -50,15 +50,17 @@ CallHook = Callable[[str, float], None]     # (signature name, seconds) after ea
 DecodeHook = Callable[[int], None]          # decode steps of one request
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelSnapshot:
-    """One model version, fixed for one request: the input size and caption lengths ``/predict``
-    checks against come from the same version that ``caption`` decodes with, even when a new version
-    is swapped in (local) or a label moves (TF Serving) in between."""
+    """One model version for one request: the input size and caption lengths ``/predict`` checks
+    against come from the version that ``caption`` decodes with, even when a new version is swapped
+    in (local) or a label moves (TF Serving) in between. Read ``version`` after ``caption``: when TF
+    Serving unloads the version mid-request, the caption is decoded again, whole, on the version the
+    label names now (if it takes the same input), and ``version`` says so."""
 
     version: str
     metadata: dict[str, Any]
-    caption: Callable[[np.ndarray, DecodeRequest], list]   # -> list[Caption], decoded by this version
+    caption: Callable[[np.ndarray, DecodeRequest], list]   # -> list[Caption], decoded by ``version``
 
     @property
     def image_size(self) -> int:
@@ -367,11 +369,28 @@ class TFServingBackend:
         """Resolve the label (or version) once; ``caption`` sends encode and every decode_step to that
         version, so a label moved mid-request cannot mix two models in one caption."""
         version, metadata, vocab = self._resolve(time.monotonic() + self.deadline_seconds, request_id or "-")
+        snapshot = ModelSnapshot(version, metadata, lambda pixels, request: [])
 
         def caption(pixels: np.ndarray, request: DecodeRequest) -> list:
-            return self._caption(version, metadata, vocab, pixels, request)
+            nonlocal vocab
+            try:
+                return self._caption(snapshot.version, snapshot.metadata, vocab, pixels, request)
+            except BackendUnavailable as exc:
+                # The version was unloaded under this request (its label moved on and the model
+                # config no longer serves it): start again, whole, on the version serving now.
+                if "NOT_FOUND" not in str(exc):
+                    raise
+                version, metadata, vocab = self._resolve(time.monotonic() + self.deadline_seconds,
+                                                         request.request_id or "-")
+                if version == snapshot.version or int(metadata["input_size"]) != snapshot.image_size:
+                    raise
+                log.info("request %s: version %s was unloaded mid-request; decoding again on %s",
+                         request.request_id, snapshot.version, version)
+                snapshot.version, snapshot.metadata = version, metadata
+                return self._caption(version, metadata, vocab, pixels, request)
 
-        return ModelSnapshot(version, metadata, caption)
+        snapshot.caption = caption
+        return snapshot
 
     def info(self) -> dict[str, Any]:
         snapshot = self.snapshot("model-info")

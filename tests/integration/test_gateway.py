@@ -248,6 +248,132 @@ def test_tfserving_timeout_gives_504(repo, test_images):
         slow.stop()
 
 
+def _attempts_of_requests(server, request_ids) -> dict[str, list[set[int]]]:
+    """For each gateway request, the versions its gRPC calls reached, one set per attempt: an attempt
+    starts with a metadata call (which resolves the label) and runs encode and every decode_step."""
+    attempts: dict[str, list[set[int]]] = {}
+    for request_id, signature, version in list(server.calls):
+        if request_id in request_ids:
+            runs = attempts.setdefault(request_id, [])
+            if signature == "metadata" or not runs:
+                runs.append(set())
+            runs[-1].add(version)
+    return attempts
+
+
+def test_labels_and_rollback_reach_the_tfserving_backend(smoke_run, tmp_path, test_images):
+    """promote(1), promote(2), rollback(): after each, the next request the gateway starts once the
+    server has re-read its model config runs on the labelled version, every gRPC call of a request
+    goes to one version, and a client looping meanwhile sees no error."""
+    from captioner.serving.grpc_server import ModelServer
+
+    from captioner.registry import ModelVersionManager
+
+    out, _ = smoke_run
+    manager = ModelVersionManager(tmp_path / "repo")
+    manager.register_version(out / "saved_model")
+    copy = tmp_path / "v2"
+    shutil.copytree(out / "saved_model", copy)
+    (copy / "assets.extra" / "marker").write_text("v2")  # different content: a new version
+    manager.register_version(copy)
+    server = ModelServer(tmp_path / "repo", poll_seconds=0.2).start()
+    app = create_app(Settings(backend="tfserving", tfserving_target=server.target, log_requests=False,
+                              deadline_seconds=30))
+    data = jpeg(test_images[0])
+    results, failures, stop = [], [], threading.Event()
+
+    def loop():
+        local = app.test_client()
+        while not stop.is_set():
+            response = post_file(local, data, algorithm="greedy")
+            results.append((response.status_code, response.json.get("request_id"),
+                            response.json.get("model", {}).get("version")))
+            if response.status_code != 200:
+                failures.append(response.json)
+
+    def served_after(label_version: int) -> str:
+        deadline = time.monotonic() + 30
+        while server.labels.get("stable") != label_version and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = post_file(app.test_client(), data, algorithm="greedy")
+        assert response.status_code == 200, response.json
+        return response.json["model"]["version"]
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    try:
+        assert post_file(app.test_client(), data).json["model"]["version"] == "2"  # no label yet: the newest
+        for thread in threads:
+            thread.start()
+        manager.promote(1)
+        assert served_after(1) == "1"
+        manager.promote(2)
+        assert served_after(2) == "2"
+        assert manager.rollback() == 1
+        assert served_after(1) == "1"
+        assert app.test_client().get("/model/info").json["version"] == "1"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        server.stop()
+    assert results and not failures, failures[:3]
+    assert {version for _, _, version in results} == {"1", "2"}
+    # Every call of an attempt went to one version, and the caption came from the last attempt's.
+    attempts = _attempts_of_requests(server, {request_id for _, request_id, _ in results})
+    assert len(attempts) == len(results)
+    assert all(len(versions) == 1 for runs in attempts.values() for versions in runs), attempts
+    assert all(attempts[request_id][-1] == {int(version)} for _, request_id, version in results)
+
+
+def test_concurrent_clients_are_batched_by_the_server(repo, smoke_run, test_images):
+    """8 gateway clients against the batching stand-in: no errors, the library's captions, and the
+    server really merged requests (batches of more than one). CAPTIONER_LOAD_SECONDS sets the
+    duration (benchmarks/bench_tfserving_batching.py runs it for 20 s)."""
+    import os
+
+    from captioner.serving.grpc_server import ModelServer
+
+    from captioner.predictor import SavedModelCaptioner
+
+    out, cfg = smoke_run
+    seconds = float(os.environ.get("CAPTIONER_LOAD_SECONDS", "3"))
+    beam = cfg.decode.beam_size
+    library = [r.caption for r in SavedModelCaptioner(out / "saved_model").caption_files(test_images, beam_size=beam)]
+    server = ModelServer(repo, batch_timeout_seconds=0.002).start()
+    app = create_app(Settings(backend="tfserving", tfserving_target=server.target, log_requests=False,
+                              deadline_seconds=60))
+    uploads = [jpeg(p) for p in test_images]
+    failures, captions, stop = [], [], threading.Event()
+
+    def client(offset: int):
+        local = app.test_client()
+        i = offset
+        while not stop.is_set():
+            index = i % len(uploads)
+            response = post_file(local, uploads[index], beam_size=str(beam))
+            if response.status_code != 200:
+                failures.append((response.status_code, response.json))
+            else:
+                captions.append((index, response.json["caption"]))
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        server.stop()
+    assert not failures, failures[:3]
+    assert len(captions) >= 8
+    wrong = [(i, c, library[i]) for i, c in captions if c != library[i]]
+    assert not wrong, wrong[:3]
+    assert server.merged_batches("decode_step") > 0, server.batches
+
+
 def test_hostile_corpus(client):
     """>= 40 hostile or unusual uploads: valid images 200, invalid ones the right 4xx, never a 5xx."""
     from captioner.serving.hostile import invalid_cases, valid_cases

@@ -83,3 +83,98 @@ def test_positions_past_the_cache_are_refused(smoke_run):
     pixels = np.zeros((1, runner.image_size, runner.image_size, 3), np.uint8)
     with pytest.raises(ModelError, match="max_decode_length|holds"):
         runner.caption_pixels(pixels, max_length=slots + 1)
+
+
+# -- the stand-in's batching follows BatchingSession -----------------------------------------------------
+def _concurrently(batcher, requests):
+    """Submit every request from its own thread at once; each answer or error, in order."""
+    import threading
+
+    results = [None] * len(requests)
+
+    def submit(i):
+        try:
+            results[i] = batcher.submit(requests[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_batcher_merges_along_axis_0_and_splits_back():
+    import threading
+
+    from captioner.serving.grpc_server import Batcher
+
+    runs = []
+
+    def run(feeds):  # a model whose rows are independent: y = 2x, row sums
+        runs.append(feeds["x"].shape[0])
+        return {"y": feeds["x"] * 2, "total": feeds["x"].sum(axis=1)}
+
+    # A full batch (6 rows) runs at once; the long timeout only matters if a thread is slow to start.
+    batcher = Batcher(run, max_batch_size=6, timeout=10.0, threads=threading.Semaphore(1))
+    requests = [{"x": np.full((rows, 3), i, np.float32)} for i, rows in enumerate([1, 2, 3])]
+    results = _concurrently(batcher, requests)
+    assert runs == [6]  # the three requests ran as one batch
+    for i, (request, result) in enumerate(zip(requests, results, strict=True)):
+        np.testing.assert_array_equal(result["y"], request["x"] * 2)
+        assert result["total"].shape == (request["x"].shape[0],) and (result["total"] == 3 * i).all()
+
+
+def test_batcher_refuses_what_tf_serving_refuses():
+    import threading
+
+    import grpc
+    from captioner.serving.grpc_server import Batcher, ServingError
+
+    batcher = Batcher(lambda feeds: {"y": feeds["x"]}, max_batch_size=4, timeout=2.0,
+                      threads=threading.Semaphore(1))
+    with pytest.raises(ServingError, match="at least one input tensor") as info:
+        batcher.submit({})
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ServingError, match="at least one dimension"):
+        batcher.submit({"x": np.float32(1)})
+    with pytest.raises(ServingError, match="equal 0th-dimension size"):
+        batcher.submit({"x": np.zeros((2, 3)), "z": np.zeros((1, 3))})
+    with pytest.raises(ServingError, match="larger than maximum input batch size 4"):
+        batcher.submit({"x": np.zeros((5, 3))})
+    # The old decode_step state grew by one position per step: two requests at different positions
+    # cannot be concatenated, and the whole batch fails.
+    pair = Batcher(lambda feeds: {"y": feeds["x"]}, max_batch_size=2, timeout=10.0, threads=threading.Semaphore(1))
+    results = _concurrently(pair, [{"x": np.zeros((1, 2, 3))}, {"x": np.zeros((1, 2, 4))}])
+    assert all(isinstance(r, ServingError) and r.code == grpc.StatusCode.FAILED_PRECONDITION
+               and "different shapes" in str(r) for r in results)
+
+
+def test_shipped_batching_config_fits_the_gateway():
+    """The Dockerfile and the Kubernetes manifest turn batching on with the same parameters, without
+    padding, and a whole gateway request (images x beams rows) fits in one batch."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from captioner.serving.settings import Settings
+
+    root = Path(__file__).resolve().parents[2]
+
+    def parameters(text: str) -> dict[str, int]:
+        text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        return {k: int(v) for k, v in re.findall(r"(\w+)\s*\{\s*value:\s*(\d+)\s*\}", text)}
+
+    shipped = parameters((root / "serving/deploy/batching_parameters.txt").read_text())
+    docs = list(yaml.safe_load_all((root / "serving/deploy/k8s/tfserving.yaml").read_text()))
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert parameters(config_map["data"]["batching_parameters.txt"]) == shipped
+    assert "pad_variable_length_inputs" not in shipped and "allowed_batch_sizes" not in shipped
+    settings = Settings()
+    assert shipped["max_batch_size"] >= settings.max_images * settings.max_beam_size
+    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    dockerfile = (root / "images/tfserving.Dockerfile").read_text()
+    for flags in (" ".join(container["args"]), dockerfile):
+        assert "--enable_batching=true" in flags and "--batching_parameters_file=" in flags
