@@ -6,7 +6,12 @@
 * ``TFServingBackend``: TensorFlow Serving over gRPC (``PredictionService`` for ``encode``/
   ``decode_step``/``metadata``, ``ModelService.GetModelStatus`` for readiness): one long-lived
   channel, a deadline per request, retries on UNAVAILABLE, the request id sent as metadata. Beam
-  search runs here, in the gateway, with all beams of a request in each ``decode_step`` call.
+  search runs here, in the gateway, with all beams of a request in each ``decode_step`` call. Each
+  request runs on one version: the one TF Serving resolves ``model_label`` (or ``model_version``) to
+  when the request starts.
+
+Both give ``snapshot()``: the version a request uses, its metadata and a ``caption`` bound to it; and
+both call ``on_call(signature, seconds)`` / ``on_decode(steps)`` when set (metrics).
 """
 
 from __future__ import annotations

@@ -178,3 +178,13 @@ def test_shipped_batching_config_fits_the_gateway():
     dockerfile = (root / "images/tfserving.Dockerfile").read_text()
     for flags in (" ".join(container["args"]), dockerfile):
         assert "--enable_batching=true" in flags and "--batching_parameters_file=" in flags
+
+
+def test_cache_shorter_than_the_decode_length_is_a_config_error():
+    from captioner.config import load_config
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="export.max_decode_length") as info:
+        load_config("smoke", ["export.max_decode_length=8"])  # smoke decodes up to 12 positions
+    assert info.value.field == "export.max_decode_length"
+    assert load_config("smoke", ["export.max_decode_length=12"]).export.max_decode_length == 12
