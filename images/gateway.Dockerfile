@@ -1,5 +1,7 @@
-# The REST gateway (Flask on gunicorn). `captioner serve --backend tfserving` talks to TF Serving;
-# `--backend local` serves SavedModels in-process from a mounted or gs:// model repository.
+# The REST gateway (Flask; gunicorn worker processes whose connections waitress reads, so slow clients
+# hold no thread). `captioner serve --backend tfserving` talks to TF Serving; `--backend local` serves
+# SavedModels in-process from a mounted or gs:// model repository. In Kubernetes an nginx sidecar
+# fronts it (serving/deploy/k8s/gateway.yaml).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -3,14 +3,16 @@
 Endpoints: ``GET /`` (service info; the demo page for browsers), ``/demo``, ``/health`` (liveness),
 ``/ready`` (the model is loaded and answers), ``/metrics`` (Prometheus), ``/model/info`` and
 ``POST /predict``. Every client error is a 4xx JSON ``{"error", "request_id"}``: 400 bad parameters,
-401 missing API key, 413 too large, 415 not an image, 422 undecodable image; 503 backend down,
-504 backend timeout.
+401 missing API key, 413 too large, 415 not an image, 422 undecodable image. A backend failure is never
+a bare 500: 502 the model server broke its contract, 503 (with ``Retry-After``) backend down or
+overloaded, 504 backend timeout.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import logging
 import re
@@ -21,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from captioner.serving.backends import (
+    BackendContractError,
+    BackendOverloaded,
     BackendTimeout,
     BackendUnavailable,
     DecodeRequest,
@@ -66,14 +70,36 @@ def _int(value: Any, name: str, low: int, high: int) -> int:
     return number
 
 
+def _key_matches(given: str, keys: tuple[str, ...]) -> bool:
+    """Constant-time check of ``given`` against every key (no early exit: the time does not tell which
+    key, or how much of one, matched)."""
+    given_bytes = given.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode("utf-8"))
+    return matched
+
+
+# gRPC codes that mean "the model server is there but cannot take this now" / "it is gone".
+_GRPC_OVERLOADED = ("RESOURCE_EXHAUSTED",)
+_GRPC_UNAVAILABLE = ("UNAVAILABLE", "NOT_FOUND", "CANCELLED", "ABORTED")
+
+
 def create_app(settings: Settings | None = None, backend=None) -> Flask:
+    import grpc
+
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False
     metrics = GatewayMetrics()
     backend = backend or make_backend(settings)
+    # Per-signature latency and decode steps: the backend calls these hooks (plain attributes, so a
+    # backend that never calls them works unchanged).
+    backend.on_call = metrics.observe_call
+    backend.on_decode = metrics.observe_decode
     backend.start()
+    api_keys = settings.keys
     app.extensions["captioner"] = {"settings": settings, "backend": backend, "metrics": metrics}
     if settings.cors_origins:
         from flask_cors import CORS
@@ -88,8 +114,10 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         g.start = time.perf_counter()
         g.model_version = None
         metrics.in_flight.inc()
-        if settings.api_key and request.endpoint in ("predict", "model_info") and \
-                request.headers.get("X-API-Key") != settings.api_key:
+        # A CORS preflight (OPTIONS) never carries the key: browsers send it without credentials and
+        # refuse the real call if it fails.
+        if api_keys and request.method != "OPTIONS" and request.endpoint in ("predict", "model_info") and \
+                not _key_matches(request.headers.get("X-API-Key", ""), api_keys):
             return _error(401, "missing or wrong X-API-Key header", "unauthorized")
         return None
 
@@ -112,9 +140,10 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     def done(_exc):
         metrics.in_flight.dec()
 
-    def _error(status: int, message: str, kind: str):
+    def _error(status: int, message: str, kind: str, retry_after: int | None = None):
         metrics.errors.labels(kind).inc()
-        return jsonify({"error": message, "request_id": g.get("request_id")}), status
+        headers = {"Retry-After": str(max(1, int(retry_after)))} if retry_after is not None else {}
+        return jsonify({"error": message, "request_id": g.get("request_id")}), status, headers
 
     @app.errorhandler(ClientError)
     def client_error(exc: ClientError):
@@ -122,11 +151,37 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
 
     @app.errorhandler(BackendUnavailable)
     def unavailable(exc):
-        return _error(503, f"model backend unavailable: {exc}", "backend_unavailable")
+        return _error(503, f"model backend unavailable: {exc}", "backend_unavailable", retry_after=5)
+
+    @app.errorhandler(BackendOverloaded)
+    def overloaded(exc):
+        return _error(503, f"model backend overloaded: {exc}", "backend_overloaded",
+                      retry_after=getattr(exc, "retry_after", 1))
 
     @app.errorhandler(BackendTimeout)
     def timeout(exc):
         return _error(504, f"model backend timed out: {exc}", "backend_timeout")
+
+    @app.errorhandler(BackendContractError)
+    def contract(exc):
+        app.logger.error("request %s: model backend broke its contract: %s", g.get("request_id"), exc)
+        return _error(502, f"model backend answered wrongly: {exc}", "backend_contract")
+
+    @app.errorhandler(grpc.RpcError)
+    def rpc_error(exc: grpc.RpcError):
+        # A gRPC error the backend did not translate: classify it by code rather than answer 500.
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        name = getattr(code, "name", "UNKNOWN")
+        details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+        message = f"{name}: {details}"
+        if name in _GRPC_OVERLOADED:
+            return _error(503, f"model backend overloaded: {message}", "backend_overloaded", retry_after=1)
+        if name in _GRPC_UNAVAILABLE:
+            return _error(503, f"model backend unavailable: {message}", "backend_unavailable", retry_after=5)
+        if name == "DEADLINE_EXCEEDED":
+            return _error(504, f"model backend timed out: {message}", "backend_timeout")
+        app.logger.error("request %s: gRPC error from the model backend: %s", g.get("request_id"), message)
+        return _error(502, f"model backend answered wrongly: {message}", "backend_contract")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

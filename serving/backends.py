@@ -42,6 +42,19 @@ class BackendTimeout(Exception):
     """The request's deadline passed before the model answered (HTTP 504)."""
 
 
+class BackendOverloaded(Exception):
+    """The model server refused the work for now, e.g. gRPC RESOURCE_EXHAUSTED (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendContractError(Exception):
+    """The model server broke the contract: INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL or
+    UNIMPLEMENTED from TF Serving, or a malformed response (HTTP 502)."""
+
+
 @dataclass(frozen=True)
 class DecodeRequest:
     beam_size: int

@@ -21,6 +21,9 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+# One backend call (a signature) is much shorter than a request: finer buckets at the low end.
+CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STEP_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60)
 
 
 class GatewayMetrics:
@@ -36,14 +39,30 @@ class GatewayMetrics:
         self.errors = Counter("captioner_errors_total", "Errors by kind", ["kind"], **kw)
         self.in_flight = Gauge("captioner_in_flight_requests", "Requests being served", **kw,
                                **({"multiprocess_mode": "livesum"} if self.multiprocess else {}))
+        # livemostrecent: the version that answered last among live workers. A dead worker's sample
+        # goes with it (``mark_process_dead``), and a rollback shows at once, where ``max`` kept
+        # the highest version any worker had ever served.
         self.model_version = Gauge("captioner_model_version", "Model version being served", ["model"], **kw,
-                                   **({"multiprocess_mode": "max"} if self.multiprocess else {}))
+                                   **({"multiprocess_mode": "livemostrecent"} if self.multiprocess else {}))
         self.started = Gauge("captioner_start_time_seconds", "Unix time the gateway started", **kw,
                              **({"multiprocess_mode": "min"} if self.multiprocess else {}))
         self.uptime = Gauge("captioner_uptime_seconds", "Seconds since the gateway started", **kw,
-                            **({"multiprocess_mode": "max"} if self.multiprocess else {}))
+                            **({"multiprocess_mode": "livemax"} if self.multiprocess else {}))
+        self.backend_latency = Histogram("captioner_backend_call_seconds",
+                                         "Latency of one model call, by signature (encode, decode_step, metadata)",
+                                         ["signature"], buckets=CALL_BUCKETS, **kw)
+        self.decode_steps = Histogram("captioner_decode_steps", "Decode steps per request", buckets=STEP_BUCKETS,
+                                      **kw)
         self.start_time = time.time()
         self.started.set(self.start_time)
+
+    def observe_call(self, signature: str, seconds: float) -> None:
+        """Hook for backends (``backend.on_call``): one call of ``signature`` took ``seconds``."""
+        self.backend_latency.labels(str(signature)).observe(float(seconds))
+
+    def observe_decode(self, steps: int) -> None:
+        """Hook for backends (``backend.on_decode``): one request's search ran ``steps`` steps."""
+        self.decode_steps.observe(int(steps))
 
     def exposition(self) -> tuple[bytes, str]:
         self.uptime.set(time.time() - self.start_time)

@@ -29,8 +29,19 @@ class Settings:
     max_caption_length: int = 40
     default_beam_size: int = 3
     cors_origins: tuple[str, ...] = ()
-    api_key: str = ""                      # when set, /predict and /model/info need X-API-Key
+    api_key: str = ""                      # when set, /predict and /model/info need X-API-Key (comma-separated:
+    api_keys: tuple[str, ...] = ()         # several keys, as has API_KEYS: any one is accepted, for rotation)
     log_requests: bool = True
+    # `captioner serve`: the whole request is read before a thread runs the app (see serving/server.py)
+    header_timeout_seconds: float = 10.0   # the request line and headers must arrive within this
+    client_timeout_seconds: float = 30.0   # a connection silent this long is closed (body, keep-alive)
+    max_connections: int = 1000            # open connections per worker process
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key: ``api_keys`` and the comma-separated parts of ``api_key``."""
+        parts = [*self.api_keys, *self.api_key.split(",")]
+        return tuple(dict.fromkeys(k.strip() for k in parts if k.strip()))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -423,14 +423,17 @@ def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="gunicorn worker processes.")
 @click.option("--threads", type=int, default=4, show_default=True, help="Threads per worker.")
 def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, port, workers, threads) -> None:
-    """Run the REST gateway (gunicorn) with the demo page at http://HOST:PORT/demo.
+    """Run the REST gateway with the demo page at http://HOST:PORT/demo.
 
+    gunicorn worker processes whose connections waitress reads: a request is handed to one of the
+    THREADS only once it is complete, so slow or stalled clients never hold a thread.
     Settings not given as flags come from CAPTIONER_* environment variables (see README).
     """
     import tempfile
 
     from gunicorn.app.base import BaseApplication
 
+    from captioner.serving.server import worker_class
     from captioner.serving.settings import Settings
 
     settings = Settings.from_env(model_repo=model_repo, model_dir=model_dir, model_name=model_name,
@@ -447,8 +450,15 @@ def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, po
 
     class Gateway(BaseApplication):
         def load_config(self):
+            # Bodies up to twice the upload limit are read in full, so that the app's 413 reaches a
+            # client that writes its whole upload before reading (closing on unread bytes resets the
+            # connection); larger ones are refused without reading.
+            worker = worker_class(header_timeout=settings.header_timeout_seconds,
+                                  client_timeout=settings.client_timeout_seconds,
+                                  max_body_bytes=2 * settings.max_upload_bytes,
+                                  max_connections=settings.max_connections)
             for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
-                               "worker_class": "gthread", "timeout": 120, "accesslog": None,
+                               "worker_class": worker, "timeout": 120, "accesslog": None,
                                "graceful_timeout": 30, "child_exit": _child_exit}.items():
                 self.cfg.set(key, value)
 
