@@ -174,6 +174,26 @@ def test_backend_hooks_feed_per_signature_latency_and_decode_steps(tmp_path):
     assert "captioner_decode_steps_count 1.0" in text and "captioner_decode_steps_sum 7.0" in text
 
 
+def test_tf_serving_calls_are_timed_per_signature(repo):
+    """Over a real gRPC server, one /predict feeds the metadata, encode and decode_step histograms."""
+    from captioner.serving.grpc_server import ModelServer
+
+    from captioner import constants as C
+
+    server = ModelServer(repo).start()
+    try:
+        client = create_app(Settings(backend="tfserving", tfserving_target=server.target, log_requests=False,
+                                     deadline_seconds=20)).test_client()
+        response = post_image(client, query_string={"algorithm": "greedy", "max_length": "5"})
+        assert response.status_code == 200, response.json
+        text = client.get("/metrics").data.decode()
+    finally:
+        server.stop()
+    for signature in (C.SIG_METADATA, C.SIG_ENCODE, C.SIG_DECODE_STEP):
+        assert f'captioner_backend_call_seconds_count{{signature="{signature}"}}' in text, signature
+    assert "captioner_decode_steps_count 1.0" in text
+
+
 # -- `captioner serve` over two workers ---------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
