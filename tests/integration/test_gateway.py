@@ -306,6 +306,9 @@ def test_labels_and_rollback_reach_the_tfserving_backend(smoke_run, tmp_path, te
             thread.start()
         manager.promote(1)
         assert served_after(1) == "1"
+        pinned = create_app(Settings(backend="tfserving", tfserving_target=server.target, log_requests=False,
+                                     deadline_seconds=30, model_version=2)).test_client()
+        assert post_file(pinned, data, algorithm="greedy").json["model"]["version"] == "2"  # a fixed version
         manager.promote(2)
         assert served_after(2) == "2"
         assert manager.rollback() == 1
