@@ -56,6 +56,9 @@ class Settings:
         settings = cls(**values)
         if settings.backend not in ("local", "tfserving"):
             raise ValueError(f"CAPTIONER_BACKEND={settings.backend!r}: expected local or tfserving")
+        for name in ("header_timeout_seconds", "client_timeout_seconds", "max_connections"):
+            if getattr(settings, name) <= 0:  # 0 would cut every connection or accept none
+                raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be positive")
         return settings
 
 

@@ -143,6 +143,12 @@ def test_several_api_keys_for_rotation(tmp_path):
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("name", ["HEADER_TIMEOUT_SECONDS", "CLIENT_TIMEOUT_SECONDS", "MAX_CONNECTIONS"])
+def test_server_limits_must_be_positive(name):
+    with pytest.raises(ValueError, match=f"CAPTIONER_{name}=0"):
+        Settings.from_env({f"CAPTIONER_{name}": "0"})
+
+
 def test_api_keys_are_compared_in_constant_time(tmp_path, monkeypatch):
     compared = []
     real = hmac.compare_digest
