@@ -3,8 +3,8 @@
 Signatures (names in ``captioner.constants``):
 
 * ``serving_default``: ``image_bytes [B]`` (encoded JPEG/PNG/GIF/BMP) -> ``captions [B]``, ``scores [B]``,
-  ``nbest_captions [B, K]``, ``nbest_scores [B, K]``; decoding and beam search run in-graph with
-  stock TensorFlow ops only (no ``py_function``, no custom ops).
+  ``finished [B]``, ``nbest_captions [B, K]``, ``nbest_scores [B, K]``, ``nbest_finished [B, K]``;
+  decoding and beam search run in-graph with stock TensorFlow ops only (no ``py_function``, no custom ops).
 * ``encode``: ``images [B, S, S, 3]`` uint8 (already preprocessed) -> ``features [B, N, 2Ld]`` (every
   decoder layer's cross-attention keys and values of the image, computed once per image).
 * ``decode_step``: ``features [B, N, 2Ld]``, ``tokens [B]`` (previous token), ``state [B, 2L, T, d]``,
@@ -100,8 +100,11 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
             tokens = out["tokens"]
             shape = tf.shape(tokens)
             texts = tf.reshape(ids_to_text(tf.reshape(tokens, [-1, shape[2]]), self.table), shape[:2])
+            # The n-best list has a fixed width, so a caption cut at max_length stays in it, marked
+            # unfinished; finished ones always rank first.
             return {C.OUT_CAPTIONS: texts[:, 0], C.OUT_SCORES: out["scores"][:, 0],
-                    C.OUT_NBEST: texts, C.OUT_NBEST_SCORES: out["scores"]}
+                    C.OUT_FINISHED: out["finished"][:, 0], C.OUT_NBEST: texts,
+                    C.OUT_NBEST_SCORES: out["scores"], C.OUT_NBEST_FINISHED: out["finished"]}
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=C.IN_IMAGES)])
         def encode(self, images):

@@ -66,6 +66,8 @@ def test_session_loader_serves_the_library_captions(smoke_run):
     library_captions = [r.caption for r in results_from_decode(library, tokenizer.tokens)]
     assert served_captions == library_captions
     np.testing.assert_allclose(served[C.OUT_SCORES], library["scores"][:, 0].numpy(), atol=1e-3)
+    np.testing.assert_array_equal(served[C.OUT_NBEST_FINISHED], library["finished"].numpy())
+    np.testing.assert_array_equal(served[C.OUT_FINISHED], library["finished"][:, 0].numpy())
 
 
 def test_encode_and_decode_step_signatures(smoke_run):

@@ -243,5 +243,6 @@ def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: fl
                 "log_probs": out["scores"][:, None], "lengths": out["lengths"][:, None],
                 "attention": out["attention"][:, None], "finished": out["finished"][:, None]}
     tiled = tile_beams(cross, beam_size)
-    return beam_search(lambda tok, st, t: model.step(tiled, tok, st, t), model.initial_state(batch * beam_size, max_length),
-                       batch, beam_size, max_length, regions, length_penalty)
+    return beam_search(lambda tok, st, t: model.step(tiled, tok, st, t),
+                       model.initial_state(batch * beam_size, max_length), batch, beam_size, max_length, regions,
+                       length_penalty)
