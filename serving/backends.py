@@ -259,6 +259,9 @@ class LocalBackend:
 
 class TFServingBackend:
     name = "tfserving"
+    # What each signature must answer; a response without it is a contract error (502), not a KeyError.
+    _expected_outputs = {C.SIG_ENCODE: (C.OUT_FEATURES,), C.SIG_METADATA: (C.OUT_METADATA,),
+                         C.SIG_DECODE_STEP: (C.OUT_LOG_PROBS, C.OUT_ATTENTION, C.OUT_STATE)}
 
     def __init__(self, target: str, model_name: str = "captioner", deadline_seconds: float = 10.0,
                  retries: int = 2, model_label: str = "stable", model_version: int = 0):
@@ -306,10 +309,14 @@ class TFServingBackend:
                     attempt += 1
                     time.sleep(min(0.05 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
                     continue
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
-                            grpc.StatusCode.FAILED_PRECONDITION):
-                    raise BackendUnavailable(f"TF Serving at {self.target}: {code.name}: {exc.details()}") from None
-                raise
+                detail = f"TF Serving at {self.target}: {code.name}: {exc.details()}"
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                    raise BackendUnavailable(detail) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise BackendOverloaded(detail) from None
+                # INVALID_ARGUMENT, FAILED_PRECONDITION (e.g. its batcher refused to merge), INTERNAL,
+                # UNIMPLEMENTED, ...: the server and this gateway disagree about the model's contract.
+                raise BackendContractError(detail) from None
 
     def _predict(self, signature: str, inputs: dict[str, np.ndarray], deadline: float, request_id: str,
                  version: str | None = None, label: str | None = None, outputs: tuple[str, ...] = ()):
@@ -331,6 +338,9 @@ class TFServingBackend:
         response = self._call(self.predict_stub.Predict, request, deadline, request_id)
         if self.on_call is not None:
             self.on_call(signature, time.perf_counter() - started)
+        missing = sorted(set(outputs or self._expected_outputs.get(signature, ())) - set(response.outputs))
+        if missing:
+            raise BackendContractError(f"TF Serving at {self.target}: {signature} answered without {missing}")
         return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}, str(response.model_spec.version.value)
 
     def _resolve(self, deadline: float, request_id: str) -> tuple[str, dict[str, Any], list[str]]:

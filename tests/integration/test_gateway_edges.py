@@ -67,7 +67,8 @@ def failing_tfserving():
 
 
 @pytest.mark.parametrize("code, status", [
-    ("RESOURCE_EXHAUSTED", 503), ("INVALID_ARGUMENT", 502), ("INTERNAL", 502), ("UNIMPLEMENTED", 502)])
+    ("RESOURCE_EXHAUSTED", 503), ("INVALID_ARGUMENT", 502), ("INTERNAL", 502), ("UNIMPLEMENTED", 502),
+    ("FAILED_PRECONDITION", 502)])
 def test_grpc_errors_from_tf_serving_are_not_500(failing_tfserving, code, status):
     state, target = failing_tfserving
     state["code"] = getattr(grpc.StatusCode, code)
@@ -80,6 +81,31 @@ def test_grpc_errors_from_tf_serving_are_not_500(failing_tfserving, code, status
         assert ("Retry-After" in response.headers) == (status == 503)
     kind = "backend_overloaded" if status == 503 else "backend_contract"
     assert f'captioner_errors_total{{kind="{kind}"}} 2.0' in client.get("/metrics").data.decode()
+
+
+def test_a_response_without_the_signature_outputs_is_a_contract_error():
+    """TF Serving answering a Predict without the outputs the signature promises (a model of another
+    shape under the same name) is the backend breaking the contract: 502, not a KeyError's 500."""
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    class Empty(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = 1
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Empty(), server)
+    server.start()
+    try:
+        app = create_app(Settings(backend="tfserving", tfserving_target=f"127.0.0.1:{port}", retries=0,
+                                  deadline_seconds=5, log_requests=False))
+        response = app.test_client().get("/model/info")
+        assert response.status_code == 502 and "metadata_json" in response.json["error"], response.json
+    finally:
+        server.stop(None)
 
 
 class FailingBackend:
