@@ -177,14 +177,16 @@ def test_new_version_swaps_without_failing_requests(smoke_run, tmp_path, test_im
     (copy / "assets.extra" / "marker").write_text("v2")  # different content: a new version
     repo.publish("captioner", copy, {"metrics": {}})
     registered = time.monotonic()
-    while client.get("/model/info").json["version"] != "2" and time.monotonic() - registered < 10:
+    # A bound on "eventually", not a speed test: loading and warming a version takes seconds on an idle
+    # machine and much longer on a loaded one.
+    while client.get("/model/info").json["version"] != "2" and time.monotonic() - registered < 180:
         time.sleep(0.05)
     seen_after = time.monotonic() - registered
     time.sleep(0.5)
     stop.set()
     for thread in threads:
         thread.join()
-    assert seen_after < 10 and client.get("/model/info").json["version"] == "2"
+    assert seen_after < 180 and client.get("/model/info").json["version"] == "2"
     assert statuses and set(statuses) == {200} and {"1", "2"} <= versions
 
 
