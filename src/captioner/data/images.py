@@ -345,36 +345,41 @@ def _resample_coefficients(in_size, out_size):
     weights = tf.maximum(1.0 - tf.abs((x - center[:, None] + 0.5) * ss), 0.0)
     weights = tf.where(taps[None, :] < xmax[:, None], weights, tf.zeros_like(weights))
 
-    # The sum runs left to right, as in C: a different order can change the last bit.
-    def add(i, total):
-        return i + 1, total + weights[:, i]
-
-    _, total = tf.while_loop(lambda i, total: i < ksize, add,
-                             (tf.constant(0, tf.int64), tf.zeros([out_size], f64)))
+    # The sum must run left to right, as in C: another order can change the last bit. A scan
+    # accumulates in order (the tests compare the weights' effect with Pillow's to the bit).
+    total = tf.math.cumsum(weights, axis=1)[:, -1]
     weights = tf.where(total[:, None] != 0.0, weights / total[:, None], weights)
     fixed = tf.cast(0.5 + weights * float(1 << _PRECISION_BITS), tf.int32)  # all weights are >= 0
     return xmin, fixed
 
 
-def _resample_axis(image, out_size, axis: int):
-    """One pass of Pillow's 8-bit resampling along ``axis`` (1: horizontal, 0: vertical)."""
+def _resample_rows(image, out_size: int):
+    """One pass of Pillow's 8-bit resampling along the first axis of ``[N, M, C]`` uint8."""
     import tensorflow as tf
 
-    in_size = tf.shape(image, out_type=tf.int64)[axis]
+    in_size = tf.shape(image, out_type=tf.int64)[0]
     xmin, fixed = _resample_coefficients(in_size, out_size)
     ksize = tf.shape(fixed, out_type=tf.int64)[1]
-    pixels = tf.cast(image, tf.int32)
-    shape = [1, 1, 1]
-    shape[axis] = out_size
 
-    # One tap at a time keeps memory at one output-sized buffer, whatever the downscale factor.
+    half = tf.constant(1 << (_PRECISION_BITS - 1), tf.int32)
+    sources = tf.minimum(xmin[:, None] + tf.range(ksize)[None, :], in_size - 1)  # [out, k]
+
+    def all_taps():
+        rows = tf.cast(tf.gather(image, sources), tf.int32)  # [out, k, M, C]
+        return half + tf.reduce_sum(rows * fixed[:, :, None, None], axis=1)
+
+    # A big downscale would need a huge [out, k, M, C] buffer: one tap at a time keeps memory at
+    # one output-sized buffer instead (whole rows are gathered: the caller turns the image around).
     def tap(i, acc):
-        source = tf.gather(pixels, tf.minimum(xmin + i, in_size - 1), axis=axis)
-        return i + 1, acc + source * tf.reshape(fixed[:, i], shape)
+        rows = tf.cast(tf.gather(image, sources[:, i]), tf.int32)
+        return i + 1, acc + rows * fixed[:, i][:, None, None]
 
-    out_shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [out_size])
-    start = tf.fill(out_shape, tf.constant(1 << (_PRECISION_BITS - 1), tf.int32))
-    _, acc = tf.while_loop(lambda i, acc: i < ksize, tap, (tf.constant(0, tf.int64), start))
+    def tap_by_tap():
+        start = tf.fill(tf.concat([[out_size], tf.shape(image)[1:]], 0), half)
+        return tf.while_loop(lambda i, acc: i < ksize, tap, (tf.constant(0, tf.int64), start))[1]
+
+    work = out_size * ksize * tf.reduce_prod(tf.shape(image, out_type=tf.int64)[1:])
+    acc = tf.cond(work <= 1 << 23, all_taps, tap_by_tap)
     return tf.cast(tf.clip_by_value(tf.bitwise.right_shift(acc, _PRECISION_BITS), 0, 255), tf.uint8)
 
 
@@ -388,15 +393,18 @@ def _resize_like_pillow(image, size: int):
     """
     import tensorflow as tf
 
+    def turn(x):
+        return tf.transpose(x, [1, 0, 2])
+
     shape = tf.shape(image)
     shrink_h, shrink_w = shape[0] - size, shape[1] - size
     vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
 
     def resize():
-        # The filter is the same along both axes: vertical-first is horizontal-first on the transpose.
-        x = tf.cond(vertical_first, lambda: tf.transpose(image, [1, 0, 2]), lambda: tf.identity(image))
-        x = _resample_axis(_resample_axis(x, size, 1), size, 0)
-        return tf.cond(vertical_first, lambda: tf.transpose(x, [1, 0, 2]), lambda: tf.identity(x))
+        # Each pass resamples the leading axis: the width is put first for a horizontal pass.
+        first = tf.cond(vertical_first, lambda: tf.identity(image), lambda: turn(image))
+        both = _resample_rows(turn(_resample_rows(first, size)), size)
+        return tf.cond(vertical_first, lambda: turn(both), lambda: tf.identity(both))
 
     same = tf.equal(shape[0], size) & tf.equal(shape[1], size)
     return tf.cond(same, lambda: tf.identity(image), resize)
