@@ -33,7 +33,7 @@ import numpy as np
 
 from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
-from captioner.data.images import load_image
+from captioner.data.images import PREPROCESSING_VERSION, load_image
 from captioner.errors import DataError
 from captioner.io_utils import atomic_write_json, atomic_write_text
 
@@ -43,7 +43,8 @@ HASHES_FILE = "hashes.json"
 
 
 def cache_key(cfg: FeaturesConfig) -> str:
-    return f"{cfg.backbone}-{cfg.weights}-{cfg.image_size}"
+    # Features depend on how images were preprocessed: a new preprocessing never reads old features.
+    return f"{cfg.backbone}-{cfg.weights}-{cfg.image_size}-pre{PREPROCESSING_VERSION}"
 
 
 @dataclass
