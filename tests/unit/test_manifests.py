@@ -17,7 +17,8 @@ pytestmark = pytest.mark.unit
 DEPLOY = Path(__file__).resolve().parents[2] / "serving" / "deploy"
 MODELS = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
           ("v1", "ConfigMap"): "V1ConfigMap",
-          ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler"}
+          ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler",
+          ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy"}
 
 
 def manifests():
@@ -58,6 +59,25 @@ def test_gateway_deployment_service_and_autoscaler():
     assert hpa.spec.scale_target_ref.name == "captioner-gateway" and hpa.spec.min_replicas >= 2
     _, tfs = objects[("Service", "tfserving")]
     assert any(p.port == 8500 for p in tfs.spec.ports)
+
+
+def test_clients_reach_the_gateway_only_through_the_buffering_sidecar():
+    objects = manifests()
+    _, dep = objects[("Deployment", "captioner-gateway")]
+    _, svc = objects[("Service", "captioner-gateway")]
+    _, policy = objects[("NetworkPolicy", "captioner-gateway")]
+    containers = {c.name: c for c in dep.spec.template.spec.containers}
+    sidecar_ports = {p.name: p.container_port for p in containers["nginx"].ports}
+    gateway_port = containers["gateway"].ports[0].container_port
+    assert [p.target_port for p in svc.spec.ports] == ["http"] and sidecar_ports["http"] == 8080
+    assert all(labels.items() <= dep.spec.template.metadata.labels.items()
+               for labels in [policy.spec.pod_selector.match_labels])
+    open_to_all = [rule for rule in policy.spec.ingress if not rule._from]
+    assert [p.port for rule in open_to_all for p in rule.ports] == [8080]
+    restricted = [rule for rule in policy.spec.ingress if rule._from]
+    assert [p.port for rule in restricted for p in rule.ports] == [gateway_port]
+    assert all(peer.pod_selector.match_labels == {"app.kubernetes.io/name": "prometheus"}
+               for rule in restricted for peer in rule._from)
 
 
 def test_model_config_files_parse_as_tf_serving_protos(tmp_path):
