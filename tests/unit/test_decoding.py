@@ -253,3 +253,72 @@ def test_mixed_precision_model_decodes_in_float32():
     memory = mp.encode(tf.random.normal([2, 9, 12]))
     log_probs, attention, state = mp.step(mp.cross_memory(memory), tf.constant([1, 1]), mp.initial_state(2))
     assert log_probs.dtype == tf.float32 and np.isfinite(log_probs.numpy()).all()
+
+
+# Randomised check against exhaustive search: 3 words and <end> after the special ids the search masks
+# (<pad> and <start> never generated, <end> not first). With max_length 4 there are 3 + 9 + 27 = 39
+# finished captions; a beam of 64 is exact: at the last step its best 2k = 128 candidates hold all
+# 27 x 4 continuations and endings, and no earlier step has more than 27 live prefixes to keep.
+RANDOM_WORDS = (3, 4, 5)  # captioner.constants: PAD, START, END, UNK = 0..3; UNK is a word like any other
+RANDOM_VOCAB, RANDOM_MAX_LENGTH, RANDOM_BEAM = 6, 4, 64
+
+
+def random_markov_tables(count: int, seed: int) -> np.ndarray:
+    """``count`` tables of next-token log-probabilities given the last token; <end> is drawn rarer than the
+    words (Dirichlet 0.2 against 1) so that with this seed the best caption has 1, 2 or 3 words in
+    different tables. <pad> and <start> get 1e-9, as in ``table``."""
+    from captioner.constants import END_ID
+
+    rng = np.random.default_rng(seed)
+    probs = np.full((count, RANDOM_VOCAB, RANDOM_VOCAB), 1e-9)
+    allowed = [END_ID, *RANDOM_WORDS]
+    probs[:, :, allowed] = rng.dirichlet([0.2, 1.0, 1.0, 1.0], size=(count, RANDOM_VOCAB))
+    return np.log(probs / probs.sum(-1, keepdims=True))
+
+
+def exhaustive_finished(log_table: np.ndarray, alpha: float) -> dict[tuple[int, ...], float]:
+    """Every finished caption (1 to max_length - 1 words, then <end>) with its length-normalised score."""
+    import itertools
+
+    from captioner.constants import END_ID, START_ID
+    from captioner.model.decoding import length_normalizer
+
+    scores = {}
+    for words in range(1, RANDOM_MAX_LENGTH):
+        for prefix in itertools.product(RANDOM_WORDS, repeat=words):
+            caption = (*prefix, END_ID)
+            path = (START_ID, *caption)
+            raw = sum(float(log_table[a, b]) for a, b in zip(path[:-1], path[1:], strict=True))
+            scores[caption] = raw / float(length_normalizer(len(caption), alpha))
+    return scores
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_search_equals_exhaustive_search_on_random_tables(alpha):
+    tables = random_markov_tables(20, seed=2024)
+    lookup = tf.constant(tables, tf.float32)
+
+    def step(tokens, state, t):
+        log_probs = tf.gather_nd(lookup, tf.stack([state[:, 0], tokens], axis=-1))
+        return log_probs, tf.one_hot(tokens % 4, 4), state
+
+    state = tf.repeat(tf.range(len(tables), dtype=tf.int32)[:, None], RANDOM_BEAM, axis=0)
+    out = beam_search(step, state, len(tables), RANDOM_BEAM, RANDOM_MAX_LENGTH, 4, length_penalty=alpha)
+    out = {key: value.numpy() for key, value in out.items()}
+    for b, log_table in enumerate(tables):
+        exhaustive = exhaustive_finished(log_table, alpha)
+        ranked = sorted(exhaustive.values(), reverse=True)
+        best = max(exhaustive, key=exhaustive.get)
+        found = tuple(caption(out, b, 0))
+        assert out["finished"][b, 0], b
+        assert out["scores"][b, 0] == pytest.approx(ranked[0], abs=1e-4), (b, found, best)
+        # float32 against float64: on a near-tie either caption is a right answer.
+        if ranked[0] - ranked[1] > 1e-4:
+            assert found == best, (b, found, best, ranked[:2])
+        else:
+            assert exhaustive[found] == pytest.approx(ranked[0], abs=1e-4), (b, found, best)
+        # An exact beam also ranks every finished caption: all 39 come first, best first.
+        n = len(exhaustive)
+        assert out["finished"][b, :n].all() and not out["finished"][b, n:].any(), b
+        assert {tuple(caption(out, b, k)) for k in range(n)} == set(exhaustive), b
+        np.testing.assert_allclose(out["scores"][b, :n], ranked, atol=1e-4)
