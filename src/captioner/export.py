@@ -35,7 +35,7 @@ import numpy as np
 
 from captioner import constants as C
 from captioner.config import Config
-from captioner.io_utils import atomic_directory, only_entries
+from captioner.io_utils import atomic_directory, only_tree
 
 
 def give_variables_unique_names(*models) -> None:
@@ -204,14 +204,24 @@ def read_metadata(saved_model_dir: Path | str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-EXPORT_ENTRIES = ("saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra")
-
-
 def is_captioner_export(folder: Path) -> bool:
-    """A SavedModel this project exported (our metadata) with nothing of anyone else's beside it:
-    the only kind of existing folder an export may replace."""
+    """A SavedModel this project exported (our metadata) with nothing of anyone else's in it, at
+    any depth: the only kind of existing folder an export may replace (which removes its whole tree).
+
+    Ours are the files ``tf.saved_model.save`` writes for our module (graph, fingerprint, variable
+    checkpoint shards, the vocab.txt asset) and what we add to assets.extra.
+    """
+    import re
+
     try:
         ours = read_metadata(folder).get("format") == "captioner-saved-model"
     except (OSError, ValueError, AttributeError):
         return False
-    return ours and only_entries(Path(folder), EXPORT_ENTRIES)
+    files = {"saved_model.pb", "fingerprint.pb", "variables/variables.index", f"assets/{C.VOCAB_TXT}",
+             *(f"assets.extra/{name}" for name in (C.METADATA_JSON, C.VOCAB_JSON, C.WARMUP_FILE))}
+    shard = re.compile(r"variables/variables\.data-\d{5}-of-\d{5}")
+
+    def written_by_export(rel: str) -> bool:
+        return rel in files or shard.fullmatch(rel) is not None
+
+    return ours and only_tree(Path(folder), written_by_export, {"variables", "assets", "assets.extra"})

@@ -57,9 +57,31 @@ def check_replaceable(path: Path | str, owned: Callable[[Path], bool] | None = N
                          "anything in it (choose a new or empty folder)", path=str(path))
 
 
-def only_entries(path: Path, allowed: Collection[str]) -> bool:
-    """True when every entry of folder ``path`` has one of the ``allowed`` names."""
-    return all(entry.name in allowed for entry in path.iterdir())
+def only_tree(path: Path, files: Callable[[str], bool], folders: Collection[str]) -> bool:
+    """True when everything under folder ``path``, at any depth, is what we write there.
+
+    Each file's path relative to ``path`` (``/``-separated) must satisfy ``files`` and each
+    sub-folder's be one of ``folders``; a symlink or any other kind of entry makes it not ours. The
+    whole tree is checked because replacing the folder removes the whole tree: a user's file put in
+    a sub-folder would go with it.
+    """
+    def walk(folder: Path, prefix: str) -> bool:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return False
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_symlink():
+                return False
+            if entry.is_dir(follow_symlinks=False):
+                if rel not in folders or not walk(Path(entry.path), rel + "/"):
+                    return False
+            elif not (entry.is_file(follow_symlinks=False) and files(rel)):
+                return False
+        return True
+
+    return walk(Path(path), "")
 
 
 @contextlib.contextmanager

@@ -98,6 +98,39 @@ def test_synthetic_generation_replaces_only_its_own_data(tmp_path):
     assert (tmp_path / "a_file").read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("where", ["images/my_holiday.jpg", "splits/my_notes.txt", "splits/old/train.txt"])
+def test_synthetic_regeneration_keeps_a_users_file_inside_its_subfolders(tmp_path, where):
+    """Replacing the data set removes its whole tree, so a user's file in images/ or splits/ (at any
+    depth) makes the folder not ours: regenerating with other parameters is refused, nothing moves."""
+    from captioner.config import SyntheticConfig
+    from captioner.data.synthetic import generate
+    from captioner.errors import DataError
+
+    root = tmp_path / "synthetic"
+    generate(root, SyntheticConfig(num_train=4, num_dev=2, num_test=2, image_size=32, seed=1))
+    sentinel, content = _sentinel(root / Path(where).parent, Path(where).name)
+    before = _tree(root)
+    with pytest.raises(DataError, match="not a synthetic data set this project made") as info:
+        generate(root, SyntheticConfig(num_train=5, num_dev=2, num_test=2, image_size=32, seed=1))
+    assert str(root) in str(info.value)
+    assert sentinel.read_bytes() == content and _tree(root) == before
+
+
+def test_synthetic_data_set_with_a_symlink_inside_is_not_ours(tmp_path):
+    from captioner.config import SyntheticConfig
+    from captioner.data.synthetic import generate
+    from captioner.errors import DataError
+
+    root = tmp_path / "synthetic"
+    generate(root, SyntheticConfig(num_train=4, num_dev=2, num_test=2, image_size=32, seed=1))
+    sentinel, content = _sentinel(tmp_path / "elsewhere", "train_00000.png")
+    (root / "images" / "train_00000.png").unlink()
+    (root / "images" / "train_00000.png").symlink_to(sentinel)
+    with pytest.raises(DataError):
+        generate(root, SyntheticConfig(num_train=5, num_dev=2, num_test=2, image_size=32, seed=1))
+    assert (root / "images" / "train_00000.png").is_symlink() and sentinel.read_bytes() == content
+
+
 # -- export ------------------------------------------------------------------------------------
 @pytest.fixture()
 def run_copy(smoke_run, tmp_path):
@@ -124,6 +157,19 @@ def test_export_refuses_a_users_folder(run_copy, tmp_path, capsys):
     before = _tree(run_copy / "saved_model")
     _fails(capsys, ["export", "--model", str(run_copy), "--output", str(run_copy / "saved_model")])
     assert inside.read_bytes() == inside_content and _tree(run_copy / "saved_model") == before
+
+
+@pytest.mark.parametrize("where", ["assets.extra/my_notes.txt", "variables/my_backup.index",
+                                   "assets/mine/vocab.txt", "my_folder/notes.txt"])
+def test_reexport_keeps_a_users_file_inside_our_export(run_copy, capsys, where):
+    """A user's file anywhere inside our export (not only beside saved_model.pb) makes it not ours:
+    the export that would remove the whole tree is refused, and every byte stays."""
+    target = run_copy / "saved_model"
+    sentinel, content = _sentinel(target / Path(where).parent, Path(where).name)
+    before = _tree(target)
+    err = _fails(capsys, ["export", "--model", str(run_copy), "--output", str(target)])
+    assert str(target) in err and "not written by captioner" in err
+    assert sentinel.read_bytes() == content and _tree(target) == before
 
 
 def test_reexport_replaces_only_our_export(run_copy, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 from captioner.config import SyntheticConfig
 from captioner.constants import COMPLETE_MARKER
 from captioner.errors import CaptionerError, DataError
-from captioner.io_utils import atomic_directory, check_replaceable, only_entries
+from captioner.io_utils import atomic_directory, check_replaceable, only_tree
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 70, 230), "yellow": (240, 220, 30),
            "white": (245, 245, 245)}
@@ -92,16 +93,47 @@ def _two(rng: random.Random, size: int) -> tuple[Image.Image, list[str]]:
     return img, captions
 
 
-SYNTHETIC_ENTRIES = ("images", "splits", "captions.tsv", COMPLETE_MARKER)
+SYNTHETIC_SPLITS = ("train", "dev", "test")
+IMAGE_NAME = re.compile(r"(?:train|dev|test)_\d{5,}\.png")
+
+
+def _listed_images(root: Path) -> set[str] | None:
+    """The image names our splits and captions.tsv list (None if one of them cannot be read)."""
+    names: set[str] = set()
+    try:
+        for split in SYNTHETIC_SPLITS:
+            path = root / "splits" / f"{split}.txt"
+            if path.is_file():
+                names.update(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        captions = root / "captions.tsv"
+        if captions.is_file():
+            names.update(line.split("\t", 1)[0] for line in captions.read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError):
+        return None
+    names.discard("")
+    return names
 
 
 def is_synthetic_folder(root: Path) -> bool:
-    """A folder ``generate`` wrote: its marker (the generator's parameters) and nothing else beside it."""
+    """A folder ``generate`` wrote and nothing else: its marker (the generator's parameters),
+    captions.tsv, splits/{train,dev,test}.txt and, in images/, only images those files list.
+
+    Replacing the folder removes its whole tree, so a user's file anywhere in it (a photo put in
+    images/, notes in splits/) makes it not ours.
+    """
     try:
         params = json.loads((root / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(params, dict) and "seed" in params and only_entries(root, SYNTHETIC_ENTRIES)
+    if not (isinstance(params, dict) and "seed" in params):
+        return False
+    listed = _listed_images(root)
+    if listed is None:
+        return False
+    ours = {"captions.tsv", COMPLETE_MARKER, *(f"splits/{split}.txt" for split in SYNTHETIC_SPLITS)}
+    # Only names of the form generate() gives: a user's photo stays theirs even if listed.
+    ours.update(f"images/{name}" for name in listed if IMAGE_NAME.fullmatch(name))
+    return only_tree(root, ours.__contains__, {"images", "splits"})
 
 
 def generate(root: Path | str, cfg: SyntheticConfig) -> Path:
