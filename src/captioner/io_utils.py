@@ -84,6 +84,16 @@ def only_tree(path: Path, files: Callable[[str], bool], folders: Collection[str]
     return walk(Path(path), "")
 
 
+def read_json_dict(path: Path | str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if it is unreadable, not JSON, or not an object
+    (callers use this to recognise their own files without trusting a same-named one)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: Path | str, owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.

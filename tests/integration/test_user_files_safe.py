@@ -249,3 +249,13 @@ def test_publish_never_removes_a_users_folder_in_the_repository(smoke_run, tmp_p
     assert ModelRepository(repo).publish("captioner", out / "saved_model", {"metrics": {"bleu4": 0.3}}) == 1
     assert top.read_bytes() == top_content and staged.read_bytes() == staged_content
     assert (repo / "captioner" / "1" / "saved_model.pb").is_file()
+
+
+def test_extract_refuses_its_cache_after_the_backbone_set_up_changed(tmp_path, capsys):
+    """An explicit --cache reused after features.image_size changed would hand out stale features."""
+    cache = tmp_path / "cache"
+    assert main(["extract", "--quiet", "--cache", str(cache), *SMALL]) == 0, capsys.readouterr().err
+    before = _tree(cache)
+    err = _fails(capsys, ["extract", "--quiet", "--cache", str(cache), "--set", "features.image_size=64", *SMALL])
+    assert str(cache) in err and "image_size" in err
+    assert _tree(cache) == before

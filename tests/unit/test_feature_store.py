@@ -82,3 +82,58 @@ def test_export_is_a_standalone_store_keyed_by_name(tmp_path, backbone):
     np.testing.assert_array_equal(reread.load(names), store.load(names))
     np.testing.assert_array_equal(reread.load(["x.png#flip"]), store.load(["x.png#flip"]))
     assert not np.array_equal(reread.load(["x.png#flip"]), reread.load(["x.png"]))
+
+
+def _store_bytes(cache):
+    return {p.name: p.read_bytes() for p in sorted(cache.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"image_size": 48}, "image_size"),
+    ({"backbone": "mobilenet_v1_075", "weights": "imagenet"}, "backbone"),
+])
+def test_a_cache_of_another_set_up_is_refused(tmp_path, backbone, change, field):
+    """Keys are image contents only: reusing a cache folder after features.backbone or image_size
+    changed would return the old features as if current. It is refused, naming folder and field."""
+    import dataclasses
+
+    from captioner.errors import DataError
+
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    names = [f"{i:03d}.png" for i in range(4)]
+    _write_images(images, names, seed=0)
+    extract_features(_dataset(images), names, CFG, cache, progress=False, backbone=backbone)
+    before = _store_bytes(cache)
+    with pytest.raises(DataError) as info:
+        extract_features(_dataset(images), names, dataclasses.replace(CFG, **change), cache, progress=False)
+    assert str(cache) in str(info.value) and field in str(info.value)
+    assert _store_bytes(cache) == before
+
+
+def test_a_cache_of_another_preprocessing_is_refused(tmp_path, backbone):
+    import json
+
+    from captioner.data.images import PREPROCESSING_VERSION
+    from captioner.errors import DataError
+    from captioner.features.extract import cache_key
+
+    images = tmp_path / "images"
+    names = ["a.png", "b.png"]
+    _write_images(images, names, seed=0)
+    cache = tmp_path / "cache"
+    extract_features(_dataset(images), names, CFG, cache, progress=False, backbone=backbone)
+    record = json.loads((cache / "backbone.json").read_text())
+    assert record["preprocessing"] == PREPROCESSING_VERSION
+    (cache / "backbone.json").write_text(json.dumps({**record, "preprocessing": PREPROCESSING_VERSION - 1}))
+    with pytest.raises(DataError, match="preprocessing"):
+        extract_features(_dataset(images), names, CFG, cache, progress=False, backbone=backbone)
+    # A record from before the version was kept: unknown in a folder of any name, but the default
+    # folder's name (the cache key) carries the version, so that one is still read.
+    legacy = {k: v for k, v in record.items() if k != "preprocessing"}
+    (cache / "backbone.json").write_text(json.dumps(legacy))
+    with pytest.raises(DataError, match="not recorded"):
+        extract_features(_dataset(images), names, CFG, cache, progress=False, backbone=backbone)
+    keyed = tmp_path / cache_key(CFG)
+    cache.rename(keyed)
+    store = extract_features(_dataset(images), names, CFG, keyed, progress=False, backbone=backbone)
+    assert store.extracted == [] and json.loads((keyed / "backbone.json").read_text()) == record

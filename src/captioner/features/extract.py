@@ -35,16 +35,49 @@ from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
 from captioner.data.images import PREPROCESSING_VERSION, load_image
 from captioner.errors import DataError
-from captioner.io_utils import atomic_write_json, atomic_write_text
+from captioner.io_utils import atomic_write_json, atomic_write_text, read_json_dict
 
 log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"
 HASHES_FILE = "hashes.json"
+BACKBONE_FILE = "backbone.json"
 
 
 def cache_key(cfg: FeaturesConfig) -> str:
     # Features depend on how images were preprocessed: a new preprocessing never reads old features.
     return f"{cfg.backbone}-{cfg.weights}-{cfg.image_size}-pre{PREPROCESSING_VERSION}"
+
+
+def store_set_up(cfg: FeaturesConfig) -> dict[str, str | int]:
+    """What a store's features depend on, recorded in its backbone.json."""
+    return {"backbone": cfg.backbone, "weights": cfg.weights, "image_size": cfg.image_size,
+            "preprocessing": PREPROCESSING_VERSION}
+
+
+def _check_set_up(folder: Path, cfg: FeaturesConfig) -> None:
+    """Refuse a store whose features came from another backbone, weights, image size or
+    preprocessing: keys are image contents only, so its features would be returned as if current.
+
+    The default stores are one folder per ``cache_key``, but ``extract --cache DIR`` (or any explicit
+    folder) can be reused after the config changed.
+    """
+    path = folder / BACKBONE_FILE
+    if not path.exists():
+        return
+    recorded = read_json_dict(path)
+    if recorded is None:
+        raise DataError("the feature cache's backbone.json is not a JSON object; cannot tell what set-up its "
+                        "features came from (use another cache folder)", path=str(path))
+    if "preprocessing" not in recorded and folder.name == cache_key(cfg):
+        # Written before the version was recorded, into the folder whose name carries it.
+        recorded = {**recorded, "preprocessing": PREPROCESSING_VERSION}
+    wanted = store_set_up(cfg)
+    differ = [f"{name}: cache has {recorded.get(name, '(not recorded)')!r}, config has {value!r}"
+              for name, value in wanted.items() if recorded.get(name) != value]
+    if differ:
+        raise DataError(f"this feature cache holds features of another set-up ({'; '.join(differ)}); reusing them "
+                        "would give stale features. Use another cache folder for this config (or the default "
+                        "one, which is kept per set-up)", path=str(folder), field="features")
 
 
 @dataclass
@@ -125,8 +158,8 @@ class FeatureStore:
         """
         out = FeatureStore(Path(dest))
         out.folder.mkdir(parents=True, exist_ok=True)
-        if (self.folder / "backbone.json").is_file():
-            atomic_write_json(out.folder / "backbone.json", json.loads((self.folder / "backbone.json").read_text()))
+        if (self.folder / BACKBONE_FILE).is_file():
+            atomic_write_json(out.folder / BACKBONE_FILE, json.loads((self.folder / BACKBONE_FILE).read_text()))
         todo = out.missing(dict.fromkeys(names))
         for start in range(0, len(todo), shard_size):
             chunk = todo[start:start + shard_size]
@@ -267,9 +300,9 @@ def extract_features(dataset, images: Sequence[str], cfg: FeaturesConfig, cache_
     store = FeatureStore(Path(cache_folder))
     store.folder.mkdir(parents=True, exist_ok=True)
     with _locked(store.folder):
+        _check_set_up(store.folder, cfg)
         # First, so that a folder holding only the hashes of a killed run still reads as a store.
-        atomic_write_json(store.folder / "backbone.json", {"backbone": cfg.backbone, "weights": cfg.weights,
-                                                           "image_size": cfg.image_size})
+        atomic_write_json(store.folder / BACKBONE_FILE, store_set_up(cfg))
         store.reload()
         paths = {name: dataset.image_path(name) for name in dict.fromkeys([*images, *flip])}
         content = content_keys(paths.values(), store.folder / HASHES_FILE)
