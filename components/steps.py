@@ -97,14 +97,16 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
                            "fingerprint": data_fingerprint, "run_fingerprint": fingerprint})
 
 
-def evaluate(config: str, overrides: list, model: Input[Model], features: Input[Dataset], model_repo: str,
-             model_name: str, bleu4_floor: float, tolerance: float, metrics: Output[Metrics], report: Output[HTML],
-             evaluation: Output[Artifact]) -> bool:
+def evaluate(config: str, overrides: list, fingerprint: str, model: Input[Model], features: Input[Dataset],
+             model_repo: str, model_name: str, bleu4_floor: float, tolerance: float, metrics: Output[Metrics],
+             report: Output[HTML], evaluation: Output[Artifact], allow_unscorable_champion: bool = False) -> bool:
     """COCO metrics on the test split, the HTML report, and the gate against the champion.
 
     Returns whether the candidate passed the gate (its single output, so that ``dsl.If`` on it also
     works under ``kfp.local``, whose condition evaluator resolves only ``<task>-Output`` channels);
-    BLEU-4 and the reason are in the ``evaluation`` artifact's metadata.
+    BLEU-4 and the reason are in the ``evaluation`` artifact's metadata. Refuses data changed since
+    the fingerprint step: the candidate is scored on features of the data the fingerprint describes,
+    the champion on the images read now, and the two must be the same.
     """
     import json
 
@@ -115,7 +117,8 @@ def evaluate(config: str, overrides: list, model: Input[Model], features: Input[
     cfg = load_config(config, overrides)
     result, decision = evaluate_and_gate(cfg, model.path, FeatureStore(features.path), model_repo=model_repo,
                                          model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance,
-                                         report_html=report.path, progress=False)
+                                         report_html=report.path, progress=False, fingerprint=fingerprint,
+                                         allow_unscorable_champion=allow_unscorable_champion)
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"):
         if result.get(key) is not None:
             metrics.log_metric(key, float(result[key]))

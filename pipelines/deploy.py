@@ -22,9 +22,11 @@ COMPILED_CACHING = None
 
 def pipeline_parameters(config: str, overrides: list[str], model_repo: str, model_name: str = "captioner",
                         bleu4_floor: float = 0.1, tolerance: float = 0.005, accelerator_type: str | None = None,
-                        accelerator_count: int | None = None) -> dict[str, Any]:
+                        accelerator_count: int | None = None,
+                        allow_unscorable_champion: bool = False) -> dict[str, Any]:
     params: dict[str, Any] = {"config": config, "overrides": list(overrides), "model_repo": model_repo,
-                              "model_name": model_name, "bleu4_floor": bleu4_floor, "tolerance": tolerance}
+                              "model_name": model_name, "bleu4_floor": bleu4_floor, "tolerance": tolerance,
+                              "allow_unscorable_champion": allow_unscorable_champion}
     if accelerator_type is not None:
         params["accelerator_type"] = accelerator_type
     if accelerator_count is not None:

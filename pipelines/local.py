@@ -73,11 +73,13 @@ def _outputs_from_cache(cache_root: Path, key_prefix: str) -> dict[str, Any]:
 
 def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, pipeline_root: str | Path,
               model_repo: str, model_name: str = "captioner", bleu4_floor: float = 0.1, tolerance: float = 0.005,
-              image: str = DEFAULT_IMAGE, cache: bool = True, serving_base_path: str | None = None) -> dict[str, Any]:
+              image: str = DEFAULT_IMAGE, cache: bool = True, serving_base_path: str | None = None,
+              allow_unscorable_champion: bool = False) -> dict[str, Any]:
     """Run the whole DAG locally; returns (and saves) the run record. Raises CaptionerError on a failed step.
 
     ``serving_base_path`` (e.g. ``/models``, where a TF Serving container mounts the repository) is
-    stored in the repository, so models.config names it from this run's registration on."""
+    stored in the repository, so models.config names it from this run's registration on.
+    ``allow_unscorable_champion`` lets the floor alone decide when the champion cannot be re-scored."""
     from kfp import local
 
     from captioner.registry import ModelRepository
@@ -98,7 +100,8 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
     level = root_logger.level
     root_logger.setLevel(logging.INFO)
     params = {"config": config, "overrides": list(overrides or []), "model_repo": model_repo,
-              "model_name": model_name, "bleu4_floor": bleu4_floor, "tolerance": tolerance}
+              "model_name": model_name, "bleu4_floor": bleu4_floor, "tolerance": tolerance,
+              "allow_unscorable_champion": allow_unscorable_champion}
     started = time.time()
     error = None
     try:

@@ -1,8 +1,9 @@
 """The one pipeline factory: fingerprint -> tokenize -> extract features -> train -> evaluate -> (gate) -> register.
 
 The fingerprint step (data, code, config; ``captioner.fingerprint``) is never cached, and its output
-is an input of tokenize, extract and train: KFP's cache key hashes a task's inputs, so those steps
-come from the cache exactly while the data, the code and the config are unchanged.
+is an input of tokenize, extract, train and evaluate: KFP's cache key hashes a task's inputs, so those
+steps come from the cache exactly while the data, the code and the config are unchanged, and each of
+them refuses data that changed since the fingerprint step looked.
 """
 
 from captioner.components.steps import build_components
@@ -26,6 +27,7 @@ def create_pipeline(image: str = DEFAULT_IMAGE):
         model_name: str = "captioner",
         bleu4_floor: float = 0.1,
         tolerance: float = 0.005,
+        allow_unscorable_champion: bool = False,
         accelerator_type: str = "NVIDIA_TESLA_T4",
         accelerator_count: int = 1,
     ):
@@ -39,17 +41,20 @@ def create_pipeline(image: str = DEFAULT_IMAGE):
         train = steps.train(config=config, overrides=overrides, fingerprint=fingerprint.output,
                             vocab=tokenize.outputs["vocab"], features=extract.outputs["features"]).set_display_name(
                                 "train")
-        evaluate = steps.evaluate(config=config, overrides=overrides, model=train.outputs["model"],
-                                  features=extract.outputs["features"], model_repo=model_repo,
-                                  model_name=model_name, bleu4_floor=bleu4_floor,
-                                  tolerance=tolerance).set_display_name("evaluate (BLEU)")
+        evaluate = steps.evaluate(config=config, overrides=overrides, fingerprint=fingerprint.output,
+                                  model=train.outputs["model"], features=extract.outputs["features"],
+                                  model_repo=model_repo, model_name=model_name, bleu4_floor=bleu4_floor,
+                                  tolerance=tolerance,
+                                  allow_unscorable_champion=allow_unscorable_champion).set_display_name(
+                                      "evaluate (BLEU)")
         # The champion can change between runs, so the gate is never answered from the cache.
         evaluate.set_caching_options(False)
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP expression
+            # Registration exports the SavedModel again with its metrics (backbone built, model traced).
             steps.register(model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"],
                            model_repo=model_repo, model_name=model_name,
                            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_display_name("register").set_caching_options(
-                               False).set_cpu_request("0.5").set_memory_request("1G")
+                               False).set_cpu_request("2").set_memory_request("4G")
 
         tokenize.set_cpu_request("1").set_memory_request("2G")
         for task in (extract, train):

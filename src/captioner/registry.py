@@ -55,8 +55,10 @@ class GateDecision:
     champion_bleu4: float | None
     champion_stored_bleu4: float | None = None
     split: dict[str, Any] | None = None  # {"dataset", "split", "fingerprint", "images"}
-    champion_scored: str | None = None  # "rescored" | "cached" | "same model"
+    champion_scored: str | None = None  # "rescored" | "cached" | "same model" | "unscorable"
     decode: dict[str, Any] | None = None
+    champion_max_length: int | None = None  # set when the champion's export capped max_length
+    champion_error: str | None = None  # why the champion could not be re-scored
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -69,35 +71,58 @@ def describe_split(split: dict[str, Any] | None) -> str:
             f"(fingerprint {str(split.get('fingerprint', ''))[:8]}, {split.get('images', '?')} images)")
 
 
+def unscorable_advice(champion_version: int | None) -> str:
+    """How to get past a champion the gate cannot re-score (said in the rejection itself)."""
+    return (f"to proceed, either re-export champion v{champion_version}'s run folder with this release "
+            f"(`captioner export RUN_DIR OUTPUT`) and register that as a new version, or run again with "
+            f"`--allow-unscorable-champion` (pipeline parameter allow_unscorable_champion=True) to judge the "
+            f"candidate on the floor alone")
+
+
 def gate(candidate_bleu4: float, champion_bleu4: float | None, *, floor: float, tolerance: float,
          champion_version: int | None = None, split: dict[str, Any] | None = None,
          champion_stored_bleu4: float | None = None, champion_scored: str | None = None,
-         decode: dict[str, Any] | None = None) -> GateDecision:
+         decode: dict[str, Any] | None = None, champion_max_length: int | None = None,
+         champion_error: str | None = None, allow_unscorable_champion: bool = False) -> GateDecision:
     """Pass iff BLEU-4 >= floor AND (no champion OR BLEU-4 >= champion - tolerance).
 
     ``champion_bleu4`` must be the champion's score on the same split with the same decoding and
-    scorer as ``candidate_bleu4`` (``workflow.evaluate_and_gate`` re-scores it); a score the
-    champion got on other data says nothing about this candidate."""
+    scorer as ``candidate_bleu4`` (``workflow.evaluate_and_gate`` re-scores it; ``champion_max_length``
+    says it decoded shorter captions than the candidate because its export holds no more); a score
+    the champion got on other data says nothing about this candidate. A champion without such a
+    score rejects, unless ``allow_unscorable_champion``: then the floor alone decides, and the
+    champion's stored number is still not used."""
     where = describe_split(split)
 
     def decision(passed: bool, reason: str) -> GateDecision:
         return GateDecision(passed, reason, candidate_bleu4, champion_version, champion_bleu4,
-                            champion_stored_bleu4, split, champion_scored, decode)
+                            champion_stored_bleu4, split, champion_scored, decode, champion_max_length,
+                            champion_error)
 
+    unscorable = champion_version is not None and champion_bleu4 is None
+    why = f" ({champion_error})" if champion_error else ""
     if champion_version is None and champion_bleu4 is None:
         versus = "no champion (first model)"
-    elif champion_bleu4 is None:
-        versus = f"champion v{champion_version} has no score on it"
+    elif unscorable:
+        versus = f"champion v{champion_version} could not be re-scored on it{why}"
+        if allow_unscorable_champion:
+            versus += " and --allow-unscorable-champion is set, so the floor alone decides"
     else:
         versus = f"champion v{champion_version} has {champion_bleu4:.4f} on it"
+        if champion_max_length is not None:
+            asked = (decode or {}).get("max_length", "?")
+            versus += (f" (decoded with max_length {champion_max_length}, its export's max_decode_length; "
+                       f"the candidate's is {asked})")
     if candidate_bleu4 < floor:
         return decision(False, f"BLEU-4 {candidate_bleu4:.4f} on {where} is below the floor {floor:.4f}; {versus}")
-    if champion_version is not None and champion_bleu4 is None:
-        return decision(False, f"champion v{champion_version} has no score on {where}: cannot compare")
+    if unscorable and not allow_unscorable_champion:
+        return decision(False, f"champion v{champion_version} could not be re-scored on {where}{why}: cannot "
+                               f"compare; {unscorable_advice(champion_version)}")
     if champion_bleu4 is not None and candidate_bleu4 < champion_bleu4 - tolerance:
+        capped = f", max_length {champion_max_length}" if champion_max_length is not None else ""
         return decision(False, f"BLEU-4 {candidate_bleu4:.4f} on {where} is worse than champion "
-                               f"v{champion_version} ({champion_bleu4:.4f} on the same split) by more than "
-                               f"{tolerance:.4f}")
+                               f"v{champion_version} ({champion_bleu4:.4f} on the same split{capped}) by more "
+                               f"than {tolerance:.4f}")
     return decision(True, f"BLEU-4 {candidate_bleu4:.4f} on {where} >= floor {floor:.4f}; {versus}")
 
 

@@ -385,31 +385,41 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restar
 
 def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *, model_repo: str, model_name: str,
                       bleu4_floor: float, tolerance: float, report_html: Path | str | None = None,
-                      progress: bool = True) -> tuple[dict[str, Any], Any]:
+                      progress: bool = True, fingerprint: str | None = None,
+                      allow_unscorable_champion: bool = False) -> tuple[dict[str, Any], Any]:
     """Evaluate a trained model on the test split, write the HTML report, and decide the gate
     against the champion in ``model_repo``. Returns ``(evaluation report, GateDecision)``.
 
     Like with like, as TFX's Evaluator does with its baseline: the champion (``stable``, else the
     newest version) is re-scored through its own SavedModel on this candidate's test images, with
-    the candidate's beam size and maximum length and the same COCO scorer; the BLEU-4 it stored at
-    its own registration was measured on its own data and only goes on the record. The re-score is
-    cached in the repository per (champion content, split fingerprint, decoding, scorer)."""
+    the candidate's beam size and maximum length (capped at what the champion's export can decode)
+    and the same COCO scorer; the BLEU-4 it stored at its own registration was measured on its own
+    data and only goes on the record. The re-score is cached in the repository per (champion
+    content, split fingerprint, decoding, scorer).
+
+    ``fingerprint`` (the pipeline's run fingerprint) makes this refuse data that changed since the
+    fingerprint step: the candidate's features were extracted from the data it describes. A
+    champion that cannot be re-scored rejects the candidate unless ``allow_unscorable_champion``,
+    which judges the candidate on the floor alone (never on the champion's stored number)."""
     from captioner.evaluate import java_available, score_saved_model, split_fingerprint
+    from captioner.fingerprint import check_unchanged
     from captioner.registry import ModelRepository, content_digest, gate
     from captioner.reports import attention_example, evaluation_html
     from captioner.train import load_trained
 
     model_dir = Path(model_dir)
+    dataset = load_data(cfg)  # decoding settings (applied below) do not change which data are read
+    if fingerprint is not None:
+        check_unchanged(fingerprint, dataset)
     model, tokenizer, spec = load_trained(model_dir)
     cfg = with_overrides(cfg, {"decode": spec.full_config.to_dict()["decode"]})
-    dataset = load_data(cfg)
     report = evaluate_model(model, tokenizer, store, dataset, cfg, progress=progress)
     split = split_fingerprint(dataset, report["split"])
     report["split_fingerprint"] = split
     decode = {"beam_size": cfg.decode.beam_size, "max_length": cfg.decode.max_length}
     repository = ModelRepository(model_repo)
     champion_version, champion = repository.champion(model_name)
-    champion_bleu4 = stored_bleu4 = scored = None
+    champion_bleu4 = stored_bleu4 = scored = champion_error = champion_max_length = None
     if champion is not None:
         stored_bleu4 = (champion.get("metrics") or {}).get("bleu4")
         candidate_digest = (content_digest(model_dir / C.SAVED_MODEL_DIR)
@@ -418,24 +428,33 @@ def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *
             champion_bleu4, scored = float(report["bleu4"]), "same model"
         else:
             scorer = {"meteor": cfg.eval.meteor, "tokenizer": "ptb" if java_available() else "captioner.normalize"}
+            # The key names the decoding asked for: the cap below is a function of the champion's content.
             key = {"champion_sha256": champion.get("content_sha256"), "split": split, "decode": decode,
                    "scorer": scorer}
             scores, scored = repository.cached_scores(model_name, key), "cached"
             if scores is None:
                 try:
                     with repository.local_copy(model_name, champion_version) as path:
-                        scores = score_saved_model(path, dataset, report["split"], meteor=cfg.eval.meteor, **decode)
+                        limit = _export_decode_limit(path) or decode["max_length"]
+                        champion_decode = dict(decode, max_length=min(decode["max_length"], limit))
+                        scores = score_saved_model(path, dataset, report["split"], meteor=cfg.eval.meteor,
+                                                   **champion_decode)
                 except Exception as exc:  # a champion that cannot be re-scored must not pass anything by default
                     log.error("champion v%s could not be re-scored: %s", champion_version, exc)
-                    report["champion_error"] = f"{type(exc).__name__}: {exc}"
+                    champion_error = f"{type(exc).__name__}: {exc}"
+                    report["champion_error"] = champion_error
+                    scored = "unscorable"
                 else:
                     repository.save_scores(model_name, key, scores)
                     scored = "rescored"
             champion_bleu4 = float(scores["bleu4"]) if scores else None
+            if scores and int(scores.get("max_length", decode["max_length"])) < decode["max_length"]:
+                champion_max_length = int(scores["max_length"])
             report["champion_scores"] = scores
     decision = gate(float(report["bleu4"]), champion_bleu4, floor=bleu4_floor, tolerance=tolerance,
                     champion_version=champion_version, split=split, champion_stored_bleu4=stored_bleu4,
-                    champion_scored=scored, decode=decode)
+                    champion_scored=scored, decode=decode, champion_max_length=champion_max_length,
+                    champion_error=champion_error, allow_unscorable_champion=allow_unscorable_champion)
     report["gate"] = decision.to_dict()
     if progress:
         print(f"gate: {'passed' if decision.passed else 'rejected'}: {decision.reason}", flush=True)
@@ -448,6 +467,17 @@ def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *
         Path(report_html).write_text(evaluation_html(report, history, paths, cfg.features.image_size, example),
                                      encoding="utf-8")
     return report, decision
+
+
+def _export_decode_limit(saved_model: Path) -> int | None:
+    """The longest caption a SavedModel's decode state holds (``export.max_decode_length``), or None
+    when its metadata does not say (the scorer then reports what it cannot do)."""
+    from captioner.export import read_metadata
+
+    try:
+        return int(read_metadata(saved_model)["max_decode_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def register_model(model_dir: Path | str, model_repo: str, model_name: str, evaluation: dict[str, Any],

@@ -7,8 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from captioner.components import steps
+from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
-from captioner.config import load_config
+from captioner.config import load_config, with_overrides
+from captioner.errors import CaptionerError
 from captioner.registry import ModelRepository
 from captioner.workflow import evaluate_and_gate, extract_step, load_data, register_model, run_training
 
@@ -36,9 +39,9 @@ def evaluation_metrics(run: Path) -> dict:
     return {k: report[k] for k in METRICS}
 
 
-def gate_of(run, cfg, store, repo, floor=0.0):
+def gate_of(run, cfg, store, repo, floor=0.0, **options):
     return evaluate_and_gate(cfg, run, store, model_repo=str(repo), model_name="captioner", bleu4_floor=floor,
-                             tolerance=0.005, progress=False)
+                             tolerance=0.005, progress=False, **options)
 
 
 def test_better_candidate_passes_and_the_champion_score_is_cached(smoke_run, untrained_run, store, tmp_path):
@@ -84,6 +87,58 @@ def test_first_model_on_new_data_is_judged_by_the_champion_score_on_that_data(sm
     assert decision.split["fingerprint"] != claimed["fingerprint"]
 
 
+def test_evaluate_step_refuses_data_changed_since_the_fingerprint(smoke_run, store, tmp_path):
+    """The candidate's features come from the data the fingerprint describes; the champion would be
+    re-scored on the images read now: scoring both after a change would not compare like with like."""
+    run, _ = smoke_run
+    stale = "data=0123456789abcdef;code=0.1.0;config=000000000000"
+    outputs = {name: cls(name=name, uri=str(tmp_path / name))
+               for name, cls in (("metrics", Metrics), ("report", HTML), ("evaluation", Artifact))}
+    with pytest.raises(CaptionerError, match="the data changed while the pipeline ran"):
+        steps.evaluate("smoke", [], stale, Model(name="model", uri=str(run)),
+                       Dataset(name="features", uri=str(store.folder)), str(tmp_path / "models"), "captioner",
+                       0.0, 0.005, **outputs)
+    assert not any((tmp_path / name).exists() for name in outputs)
+
+
+def test_unscorable_champion_rejects_with_the_way_out_unless_allowed(smoke_run, untrained_run, store, tmp_path):
+    """A champion that cannot be loaded any more rejects every candidate by default, saying how to
+    proceed; allowed, the floor alone decides, never the champion's stored BLEU-4 (0.94 here)."""
+    run, cfg = smoke_run
+    repo = ModelRepository(tmp_path / "models")
+    repo.publish("captioner", untrained_run[0] / "saved_model", {"metrics": {"bleu4": 0.94}})
+    (Path(repo.model_path("captioner", 1)) / "saved_model.pb").write_bytes(b"not a SavedModel")
+    _, kept = gate_of(run, cfg, store, repo.root)
+    assert not kept.passed and kept.champion_scored == "unscorable" and kept.champion_bleu4 is None
+    assert kept.champion_error and kept.champion_error in kept.reason
+    assert "--allow-unscorable-champion" in kept.reason and "captioner export" in kept.reason
+    report, allowed = gate_of(run, cfg, store, repo.root, allow_unscorable_champion=True)
+    assert allowed.passed and allowed.champion_bleu4 is None and "the floor alone decides" in allowed.reason
+    assert report["gate"]["passed"] is True and "0.94" not in allowed.reason
+
+
+def test_champion_with_a_shorter_decode_state_is_rescored_at_its_length(smoke_run, untrained_run, store, tmp_path):
+    """The candidate decodes up to 12 tokens (smoke preset); a champion exported with room for 8 is
+    re-scored with 8, and the reason says so, instead of failing and rejecting every candidate."""
+    from captioner.export import export_saved_model
+    from captioner.features.backbones import build_backbone
+    from captioner.train import load_trained
+
+    run, cfg = smoke_run
+    assert cfg.decode.max_length == 12
+    model, _, spec = load_trained(untrained_run[0])
+    short = with_overrides(spec.full_config, {"decode": {"max_length": 8}, "export": {"max_decode_length": 8}})
+    backbone = build_backbone(short.features.backbone, short.features.weights, short.features.image_size)
+    export_saved_model(backbone, model, untrained_run[0], tmp_path / "short", short)
+    repo = ModelRepository(tmp_path / "models")
+    repo.publish("captioner", tmp_path / "short", {"metrics": evaluation_metrics(untrained_run[0])})
+    report, decision = gate_of(run, cfg, store, repo.root)
+    assert decision.passed and decision.champion_scored == "rescored", decision.reason
+    assert decision.champion_max_length == 8 and report["champion_scores"]["max_length"] == 8
+    assert decision.decode["max_length"] == 12
+    assert "max_length 8" in decision.reason and "max_decode_length" in decision.reason
+
+
 def test_floor_rejects_a_first_model(smoke_run, store, tmp_path):
     run, cfg = smoke_run
     _, decision = gate_of(run, cfg, store, tmp_path / "empty", floor=0.99)
@@ -126,7 +181,8 @@ def test_registered_version_carries_its_metrics_in_the_served_savedmodel(untrain
 
 def test_pipeline_run_keeps_the_serving_base_path_in_the_repository(tmp_path):
     """`captioner pipeline run --serving-base-path /models` stores it before any step runs (this run
-    fails at its first step: the data are missing), so every later write of models.config uses it."""
+    fails at its first step: the data are missing), so every later write of models.config uses it.
+    ``--allow-unscorable-champion`` reaches the pipeline's parameters (the run record keeps them)."""
     from click.testing import CliRunner
 
     from captioner.cli import cli
@@ -135,6 +191,8 @@ def test_pipeline_run_keeps_the_serving_base_path_in_the_repository(tmp_path):
     result = CliRunner().invoke(cli, ["pipeline", "run", "--local", "--config", "smoke",
                                       "--set", "data.format=flickr8k", "--set", f"data.root={tmp_path / 'nowhere'}",
                                       "--pipeline-root", str(tmp_path / "root"), "--model-repo", str(repo),
-                                      "--serving-base-path", "/models"])
+                                      "--serving-base-path", "/models", "--allow-unscorable-champion"])
     assert result.exit_code != 0
     assert ModelRepository(repo).serving_base_path == "/models"
+    (record,) = (tmp_path / "root" / "captioner-runs").glob("*.json")
+    assert json.loads(record.read_text())["parameters"]["allow_unscorable_champion"] is True

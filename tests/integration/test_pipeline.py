@@ -33,10 +33,12 @@ def test_compiled_dag_shape():
     # The fingerprint step always runs, and every step that reads data takes its output as an input,
     # which is what KFP's cache key hashes.
     assert not tasks["fingerprint"]["cachingOptions"].get("enableCache")
-    for name in ("tokenize", "extract-features", "train"):
-        assert tasks[name]["cachingOptions"]["enableCache"] is True
+    for name in ("tokenize", "extract-features", "train", "evaluate"):
         source = tasks[name]["inputs"]["parameters"]["fingerprint"]["taskOutputParameter"]
         assert source == {"outputParameterKey": "Output", "producerTask": "fingerprint"}
+    for name in ("tokenize", "extract-features", "train"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True
+    assert not tasks["evaluate"]["cachingOptions"].get("enableCache")
     assert "pipelinechannel--evaluate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train"]["container"]
@@ -44,6 +46,9 @@ def test_compiled_dag_shape():
     assert "accelerator" in train["resources"] and "cpuRequest" in train["resources"]
     for name, executor in executors.items():
         assert "resources" in executor["container"], f"{name} has no resource requests"
+    # Registration exports the SavedModel again (backbone built, model traced): as much as that needs.
+    register = executors["exec-register"]["container"]["resources"]
+    assert float(register["cpuRequest"]) >= 2 and float(register["memoryRequest"]) >= 4, register
 
 
 def test_components_as_functions(tmp_path, captioner_cache):
@@ -64,8 +69,8 @@ def test_components_as_functions(tmp_path, captioner_cache):
     assert train_metrics.metadata["epochs"] == 2 and Path(train_metrics.path).is_file()
     metrics, report, evaluation = art(Metrics, "metrics"), art(HTML, "report"), art(Artifact, "evaluation")
     repo = str(tmp_path / "repo")
-    passed = steps.evaluate("smoke", overrides, model, features, repo, "captioner", 0.0, 0.005, metrics, report,
-                            evaluation)
+    passed = steps.evaluate("smoke", overrides, fingerprint, model, features, repo, "captioner", 0.0, 0.005, metrics,
+                            report, evaluation)
     assert passed is True and "bleu4" in metrics.metadata and "greedy_cider" in metrics.metadata
     html = Path(report.path).read_text()
     assert "<svg" in html and "data:image/jpeg;base64" in html and "Attention" in html and "BLEU-4" in html

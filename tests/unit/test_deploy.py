@@ -136,3 +136,18 @@ def test_cloudbuild_runs_tests_builds_compiles_publishes():
             if token.startswith("images/") and token.endswith("Dockerfile"):
                 assert (ROOT / token).is_file(), f"cloudbuild.yaml names a missing {token}"
     assert "make test" in " ".join(build["steps"][0]["args"])
+
+
+def test_parameters_sent_are_the_pipelines_own_and_the_champion_policy_is_one_of_them():
+    """Every parameter submit/schedule send is declared by the compiled pipeline (a KFP backend
+    rejects unknown ones); the way past an unscorable champion is off unless asked for."""
+    declared = yaml.safe_load((ROOT / "pipeline.yaml").read_text())["root"]["inputDefinitions"]["parameters"]
+    assert set(PARAMS) <= set(declared)
+    assert PARAMS["allow_unscorable_champion"] is False
+    assert declared["allow_unscorable_champion"] == {"defaultValue": False, "isOptional": True,
+                                                     "parameterType": "BOOLEAN"}
+    allowed = deploy.pipeline_parameters("flickr8k", [], "gs://models/serving", allow_unscorable_champion=True)
+    assert allowed["allow_unscorable_champion"] is True
+    evaluate = yaml.safe_load((ROOT / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]["evaluate"]
+    assert evaluate["inputs"]["parameters"]["allow_unscorable_champion"] == {
+        "componentInputParameter": "allow_unscorable_champion"}

@@ -53,6 +53,39 @@ def test_gate_reason_names_both_scores_and_the_split():
     assert not unscored.passed and "cannot compare" in unscored.reason
 
 
+def test_unscorable_champion_rejects_by_default_and_says_how_to_proceed():
+    error = "ModelError: exported by an older captioner"
+    kept = gate(0.25, None, floor=0.1, tolerance=0.01, champion_version=3, split=SPLIT, champion_stored_bleu4=0.1,
+                champion_scored="unscorable", champion_error=error)
+    assert not kept.passed and kept.champion_error == error
+    for part in ("champion v3 could not be re-scored", error, "captioner export", "--allow-unscorable-champion",
+                 "allow_unscorable_champion=True", "floor alone"):
+        assert part in kept.reason, part
+
+
+def test_allowing_an_unscorable_champion_lets_the_floor_alone_decide():
+    """Never the champion's stored number: 0.94 would reject a 0.25 candidate."""
+    allowed = gate(0.25, None, floor=0.1, tolerance=0.01, champion_version=3, split=SPLIT, champion_stored_bleu4=0.94,
+                   champion_error="ModelError: old export", allow_unscorable_champion=True)
+    assert allowed.passed and allowed.champion_bleu4 is None
+    assert "could not be re-scored" in allowed.reason and "the floor alone decides" in allowed.reason
+    assert "0.94" not in allowed.reason
+    low = gate(0.05, None, floor=0.1, tolerance=0.01, champion_version=3, split=SPLIT,
+               champion_error="ModelError: old export", allow_unscorable_champion=True)
+    assert not low.passed and "below the floor 0.1000" in low.reason
+
+
+def test_reason_says_when_the_champion_decoded_shorter_captions():
+    decode = {"beam_size": 3, "max_length": 50}
+    better = gate(0.25, 0.20, floor=0.1, tolerance=0.01, champion_version=3, split=SPLIT, decode=decode,
+                  champion_max_length=40)
+    assert better.passed and "max_length 40" in better.reason and "max_decode_length" in better.reason
+    assert "50" in better.reason and better.to_dict()["champion_max_length"] == 40
+    worse = gate(0.10, 0.20, floor=0.1, tolerance=0.01, champion_version=3, split=SPLIT, decode=decode,
+                 champion_max_length=40)
+    assert not worse.passed and "max_length 40" in worse.reason
+
+
 def run_repository_contract(root, tmp_path):
     manager = ModelVersionManager(root)
     assert manager.repository.versions("captioner") == []
