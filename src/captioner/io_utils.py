@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, DataError
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
@@ -82,6 +83,18 @@ def only_tree(path: Path, files: Callable[[str], bool], folders: Collection[str]
         return True
 
     return walk(Path(path), "")
+
+
+def file_sha256(path: Path | str, *, missing: str = "file not found") -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks; a missing file is a ``DataError`` saying ``missing``."""
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise DataError(missing, path=str(path)) from None
+    return digest.hexdigest()
 
 
 def read_json_dict(path: Path | str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.errors import DataError
+from captioner.io_utils import file_sha256
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
@@ -69,7 +70,8 @@ class CaptionDataset:
         digest.update(f"{self.name}\n".encode())
         if self.sources:
             for path in self.sources:
-                digest.update(f"{Path(path).name}\t{_file_sha256(Path(path))}\n".encode())
+                sha = file_sha256(path, missing="file not found (it was there when the data set was read)")
+                digest.update(f"{Path(path).name}\t{sha}\n".encode())
         else:
             for image in self.all_images():
                 digest.update(("\t".join([image, *self.captions[image]]) + "\n").encode())
@@ -83,17 +85,6 @@ class CaptionDataset:
             return self
         splits = {s: images[:per_split] for s, images in self.splits.items()}
         return CaptionDataset(self.name, self.images_dir, self.captions, splits, self.missing_images, self.sources)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise DataError("file not found (it was there when the data set was read)", path=str(path)) from None
-    return digest.hexdigest()
 
 
 def _listing(folder: Path) -> list[str]:

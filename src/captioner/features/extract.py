@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
 from captioner.data.images import PREPROCESSING_VERSION, load_image
 from captioner.errors import DataError
-from captioner.io_utils import atomic_write_json, atomic_write_text, read_json_dict
+from captioner.io_utils import atomic_write_json, atomic_write_text, file_sha256, read_json_dict
 
 log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"
@@ -167,15 +166,9 @@ class FeatureStore:
         return out
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise DataError("image file not found", path=str(path)) from None
-    return digest.hexdigest()[:32]  # 128 bits: no collision among any number of images we will see
+def _content_key(path: Path) -> str:
+    # 128 bits: no collision among any number of images we will see.
+    return file_sha256(path, missing="image file not found")[:32]
 
 
 def content_keys(paths: Iterable[Path], hashes_file: Path, workers: int = 4) -> dict[Path, str]:
@@ -201,7 +194,7 @@ def content_keys(paths: Iterable[Path], hashes_file: Path, workers: int = 4) -> 
             todo.append((path, where, [st.st_size, st.st_mtime_ns]))
     if todo:
         with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
-            for (path, where, stat), key in zip(todo, pool.map(lambda item: _file_hash(item[0]), todo),
+            for (path, where, stat), key in zip(todo, pool.map(lambda item: _content_key(item[0]), todo),
                                                 strict=True):
                 keys[path] = key
                 known[where] = [*stat, key]
