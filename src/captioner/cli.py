@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from captioner.errors import CaptionerError
+from captioner.io_utils import read_json_dict
 
 CONFIG_HELP = "A preset name (smoke, synthetic, flickr8k) or a YAML file."
 SET_HELP = "Override a config field, e.g. --set data.root=../shared/data/flickr8k (repeatable)."
@@ -75,19 +76,11 @@ def caption(model_dir: Path, beam_size: int | None, max_length: int | None, as_j
             click.echo(f"{path}\t{result.caption}")
 
 
-def _json_object(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _check_vocab_output(folder: Path) -> None:
     """``tokenize`` rewrites vocab.json and vocab.txt in ``folder``: only if they are ours."""
     from captioner.constants import VOCAB_JSON, VOCAB_TXT
 
-    ours = (_json_object(folder / VOCAB_JSON) or {}).get("format") == "captioner-vocab"
+    ours = (read_json_dict(folder / VOCAB_JSON) or {}).get("format") == "captioner-vocab"
     for name in (VOCAB_JSON, VOCAB_TXT):
         if (folder / name).exists() and not ours:
             raise CaptionerError(f"{name} is here and was not written by captioner; refusing to overwrite it "
@@ -100,7 +93,7 @@ def _check_feature_cache(folder: Path) -> None:
     from captioner.io_utils import check_replaceable
 
     def is_store(path: Path) -> bool:
-        index, backbone = _json_object(path / FEATURES_INDEX), _json_object(path / "backbone.json")
+        index, backbone = read_json_dict(path / FEATURES_INDEX), read_json_dict(path / "backbone.json")
         foreign = ((path / FEATURES_INDEX).exists() and (index is None or "rows" not in index)) or (
             (path / "backbone.json").exists() and (backbone is None or "backbone" not in backbone))
         return not foreign and (index is not None or backbone is not None)
@@ -110,7 +103,7 @@ def _check_feature_cache(folder: Path) -> None:
 
 def _check_report_output(path: Path) -> None:
     """``evaluate --output`` replaces an evaluation report of ours, never another file."""
-    report = _json_object(path) if path.is_file() else None
+    report = read_json_dict(path) if path.is_file() else None
     if path.exists() and not (report is not None and {"split", "greedy", "beam"} <= set(report)):
         raise CaptionerError("exists and is not a captioner evaluation report; refusing to overwrite it "
                              "(choose another --output)", path=str(path))
@@ -224,10 +217,6 @@ def _pipeline_options(func):
                      help="Gate: the lowest test BLEU-4 a model may have to be registered."),
         click.option("--tolerance", type=float, default=0.005, show_default=True,
                      help="Gate: how much worse than the champion's BLEU-4 a candidate may be."),
-        click.option("--allow-unscorable-champion", is_flag=True,
-                     help="Gate: when the champion cannot be re-scored on the candidate's test split (e.g. "
-                          "exported by an older release), judge the candidate on the floor alone instead of "
-                          "rejecting it. Its stored BLEU-4 is never used."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -285,14 +274,14 @@ def pipeline_compile(output: Path, image: str | None) -> None:
 @_pipeline_options
 def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_base_path: str | None,
                  config_name: str, overrides: tuple[str, ...], model_repo: str, model_name: str, bleu4_floor: float,
-                 tolerance: float, allow_unscorable_champion: bool) -> None:
+                 tolerance: float) -> None:
     """Run the whole DAG locally; print the run id, the gate decision and the registered version."""
     from captioner.pipelines.local import run_local
 
     _config(config_name, overrides)  # fail fast, with the field named, before any step starts
     record = run_local(config_name, list(overrides), pipeline_root=pipeline_root, model_repo=model_repo,
                        model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance, cache=not no_cache,
-                       serving_base_path=serving_base_path, allow_unscorable_champion=allow_unscorable_champion)
+                       serving_base_path=serving_base_path)
     gate = record["gate"]
     click.echo(f"run: {record['run_id']} ({record['seconds']:.1f}s)")
     click.echo(f"gate: {'passed' if gate['passed'] else 'rejected'}: {gate['reason']}")
@@ -310,14 +299,14 @@ def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_b
 @_pipeline_options
 def pipeline_submit(host, vertex, project, region, pipeline_root, service_account, experiment, package, image,
                     accelerator_type, accelerator_count, config_name, overrides, model_repo, model_name,
-                    bleu4_floor, tolerance, allow_unscorable_champion) -> None:
+                    bleu4_floor, tolerance) -> None:
     """Submit one run to Kubeflow Pipelines (--host) or Vertex AI Pipelines (--vertex)."""
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
 
     _check_cloud(host, vertex, project, region, pipeline_root)
     params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
+                                        tolerance, accelerator_type, accelerator_count)
     if vertex:
         name = deploy.submit_vertex(project, region, pipeline_root, params, experiment=experiment,
                                     service_account=service_account, package=package, image=image or DEFAULT_IMAGE)
@@ -333,14 +322,14 @@ def pipeline_submit(host, vertex, project, region, pipeline_root, service_accoun
 @_pipeline_options
 def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeline_root, service_account, experiment,
                       package, image, accelerator_type, accelerator_count, config_name, overrides, model_repo,
-                      model_name, bleu4_floor, tolerance, allow_unscorable_champion) -> None:
+                      model_name, bleu4_floor, tolerance) -> None:
     """Schedule recurring retraining: a KFP recurring run or a Vertex PipelineJobSchedule."""
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
 
     _check_cloud(host, vertex, project, region, pipeline_root)
     params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
+                                        tolerance, accelerator_type, accelerator_count)
     if vertex:
         name = deploy.schedule_vertex(project, region, pipeline_root, cron, params, name=schedule_name,
                                       service_account=service_account, package=package,

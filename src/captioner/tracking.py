@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import platform
 import random
@@ -28,27 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from captioner.constants import CONFIG_SNAPSHOT, LOG_DIR, METRICS_CSV, RUN_SUMMARY
-from captioner.io_utils import atomic_write_json, atomic_write_text
+from captioner.io_utils import atomic_write_json, atomic_write_text, read_json_dict
 
 FAILED_JSON = "FAILED.json"
-
-
-def _json_dict(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def is_run_folder(folder: Path | str) -> bool:
     """True if a tracker wrote into ``folder``: our config snapshot, run summary or failure record
     (checked by content, so that a user's file of the same name does not make a folder ours)."""
     folder = Path(folder)
-    snapshot = _json_dict(folder / CONFIG_SNAPSHOT)
+    snapshot = read_json_dict(folder / CONFIG_SNAPSHOT)
     if snapshot is not None and {"model", "train"} <= set(snapshot):
         return True
-    return any((record := _json_dict(folder / name)) is not None and {"status", "run_dir"} <= set(record)
+    return any((record := read_json_dict(folder / name)) is not None and {"status", "run_dir"} <= set(record)
                for name in (RUN_SUMMARY, FAILED_JSON))
 
 
