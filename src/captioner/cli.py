@@ -217,6 +217,10 @@ def _pipeline_options(func):
                      help="Gate: the lowest test BLEU-4 a model may have to be registered."),
         click.option("--tolerance", type=float, default=0.005, show_default=True,
                      help="Gate: how much worse than the champion's BLEU-4 a candidate may be."),
+        click.option("--allow-unscorable-champion", is_flag=True,
+                     help="Gate: when the champion cannot be re-scored on the candidate's test split (e.g. "
+                          "exported by an older release), judge the candidate on the floor alone instead of "
+                          "rejecting it. Its stored BLEU-4 is never used."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -274,14 +278,14 @@ def pipeline_compile(output: Path, image: str | None) -> None:
 @_pipeline_options
 def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_base_path: str | None,
                  config_name: str, overrides: tuple[str, ...], model_repo: str, model_name: str, bleu4_floor: float,
-                 tolerance: float) -> None:
+                 tolerance: float, allow_unscorable_champion: bool) -> None:
     """Run the whole DAG locally; print the run id, the gate decision and the registered version."""
     from captioner.pipelines.local import run_local
 
     _config(config_name, overrides)  # fail fast, with the field named, before any step starts
     record = run_local(config_name, list(overrides), pipeline_root=pipeline_root, model_repo=model_repo,
                        model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance, cache=not no_cache,
-                       serving_base_path=serving_base_path)
+                       serving_base_path=serving_base_path, allow_unscorable_champion=allow_unscorable_champion)
     gate = record["gate"]
     click.echo(f"run: {record['run_id']} ({record['seconds']:.1f}s)")
     click.echo(f"gate: {'passed' if gate['passed'] else 'rejected'}: {gate['reason']}")
@@ -299,14 +303,14 @@ def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_b
 @_pipeline_options
 def pipeline_submit(host, vertex, project, region, pipeline_root, service_account, experiment, package, image,
                     accelerator_type, accelerator_count, config_name, overrides, model_repo, model_name,
-                    bleu4_floor, tolerance) -> None:
+                    bleu4_floor, tolerance, allow_unscorable_champion) -> None:
     """Submit one run to Kubeflow Pipelines (--host) or Vertex AI Pipelines (--vertex)."""
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
 
     _check_cloud(host, vertex, project, region, pipeline_root)
     params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count)
+                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
     if vertex:
         name = deploy.submit_vertex(project, region, pipeline_root, params, experiment=experiment,
                                     service_account=service_account, package=package, image=image or DEFAULT_IMAGE)
@@ -322,14 +326,14 @@ def pipeline_submit(host, vertex, project, region, pipeline_root, service_accoun
 @_pipeline_options
 def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeline_root, service_account, experiment,
                       package, image, accelerator_type, accelerator_count, config_name, overrides, model_repo,
-                      model_name, bleu4_floor, tolerance) -> None:
+                      model_name, bleu4_floor, tolerance, allow_unscorable_champion) -> None:
     """Schedule recurring retraining: a KFP recurring run or a Vertex PipelineJobSchedule."""
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
 
     _check_cloud(host, vertex, project, region, pipeline_root)
     params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count)
+                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
     if vertex:
         name = deploy.schedule_vertex(project, region, pipeline_root, cron, params, name=schedule_name,
                                       service_account=service_account, package=package,
