@@ -354,10 +354,13 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restar
         raise
     try:
         tracker.log_config(cfg)
-        resumes = _run_state(output).get("resumes")
+        state = _run_state(output)
+        resumes = state.get("resumes")
         if resumes:
             tracker.extra["resumed_with_changes"] = resumes
-        tracker.extra["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(),
+        # _check_same_data has just recorded (or matched) it: hashing the data set again is wasted time.
+        fingerprint = state.get("dataset", {}).get("fingerprint") or dataset.fingerprint()
+        tracker.extra["dataset"] = {"name": dataset.name, "fingerprint": fingerprint,
                                     "images": {s: len(v) for s, v in dataset.splits.items()},
                                     "missing_images": dataset.missing_images}
         with tracker.time("tokenize"):
