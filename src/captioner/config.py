@@ -61,7 +61,8 @@ class FeaturesConfig:
     image_size: int = 224
     batch_size: int = 32
     shard_size: int = 2048
-    # Where extracted features are cached, keyed by a fingerprint; "" = <output>/features.
+    # Root of the feature caches: features go to <root>/by-content/<cache_key> (one store per backbone,
+    # weights, image size and preprocessing version); "" = <CAPTIONER_CACHE or ~/.cache/captioner>/features.
     cache_dir: str = ""
     # Also extract features of horizontally flipped training images (augmentation).
     flip_train: bool = False
