@@ -335,48 +335,57 @@ def test_labels_and_rollback_reach_the_tfserving_backend(smoke_run, tmp_path, te
 
 def test_concurrent_clients_are_batched_by_the_server(repo, smoke_run, test_images):
     """8 gateway clients against the batching stand-in: no errors, the library's captions, and the
-    server really merged requests (batches of more than one). CAPTIONER_LOAD_SECONDS sets the
-    duration (benchmarks/bench_tfserving_batching.py runs it for 20 s)."""
+    server really merged requests (batches of more than one). Each client sends a fixed number of
+    requests (CAPTIONER_LOAD_REQUESTS, default 2; benchmarks/bench_tfserving_batching.py measures
+    throughput instead), all starting together behind a barrier.
+
+    Merging needs two clients' calls within one batch timeout of each other. With 50 ms (not the
+    2 ms default) that is near-certain; it is asserted over all decode_step calls, not one: each
+    request makes one per position (up to max_length), 8 clients run through the same positions at
+    once, and a batch that merged once releases its requests together, so they meet again at the next
+    step. For no merge at all, every one of those calls would have to reach the server over 50 ms
+    apart from every other client's.
+    """
     import os
 
     from captioner.serving.grpc_server import ModelServer
 
     from captioner.predictor import SavedModelCaptioner
 
+    clients = 8
+    per_client = int(os.environ.get("CAPTIONER_LOAD_REQUESTS", "2"))
     out, cfg = smoke_run
-    seconds = float(os.environ.get("CAPTIONER_LOAD_SECONDS", "3"))
     beam = cfg.decode.beam_size
     library = [r.caption for r in SavedModelCaptioner(out / "saved_model").caption_files(test_images, beam_size=beam)]
-    server = ModelServer(repo, batch_timeout_seconds=0.002).start()
+    server = ModelServer(repo, batch_timeout_seconds=0.05).start()
     app = create_app(Settings(backend="tfserving", tfserving_target=server.target, log_requests=False,
-                              deadline_seconds=60))
+                              deadline_seconds=120))
     uploads = [jpeg(p) for p in test_images]
-    failures, captions, stop = [], [], threading.Event()
+    failures, captions = [], []
+    barrier = threading.Barrier(clients)
 
     def client(offset: int):
         local = app.test_client()
-        i = offset
-        while not stop.is_set():
+        barrier.wait()
+        for i in range(offset, offset + per_client):
             index = i % len(uploads)
             response = post_file(local, uploads[index], beam_size=str(beam))
             if response.status_code != 200:
                 failures.append((response.status_code, response.json))
             else:
                 captions.append((index, response.json["caption"]))
-            i += 1
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     try:
         for thread in threads:
             thread.start()
-        time.sleep(seconds)
-    finally:
-        stop.set()
         for thread in threads:
             thread.join()
+    finally:
         server.stop()
     assert not failures, failures[:3]
-    assert len(captions) >= 8
+    assert len(captions) == clients * per_client
+    assert {i for i, _ in captions} == set(range(len(uploads)))  # every test image went through
     wrong = [(i, c, library[i]) for i, c in captions if c != library[i]]
     assert not wrong, wrong[:3]
     assert server.merged_batches("decode_step") > 0, server.batches
