@@ -1,4 +1,10 @@
-"""Fixtures shared by the gateway tests."""
+"""Fixtures and helpers shared by the gateway tests."""
+
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 from captioner.serving.app import create_app
@@ -29,3 +35,25 @@ def test_images(smoke_run):
     return [data.image_path(i) for i in data.splits["test"][:6]]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server started as a subprocess."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, seconds: float = 120, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url``/ready until it answers 200; fail after ``seconds`` or as soon as ``process`` exits
+    (a server that crashed at start-up will never get ready)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server for {url} exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.HTTPError, OSError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not ready within {seconds}s")

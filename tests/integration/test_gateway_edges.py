@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from captioner.serving.settings import Settings
 from PIL import Image
 
 from captioner.registry import ModelRepository, ModelVersionManager
+from tests.integration.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.integration
 ORIGIN = "https://example.com"
@@ -227,12 +227,6 @@ def test_tf_serving_calls_are_timed_per_signature(repo):
 
 
 # -- `captioner serve` over two workers ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> set[int]:
     found = set()
     for entry in Path("/proc").iterdir():
@@ -254,18 +248,6 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _wait_ready(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if _get(url + "/ready", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not ready within {seconds}s")
-
-
 UPLOAD_LIMIT = 4 * 1024 * 1024
 
 
@@ -280,7 +262,7 @@ def served(smoke_run, tmp_path_factory):
     shutil.copytree(out / "saved_model", copy)
     (copy / "assets.extra" / "marker").write_text("v2")
     repo.publish("captioner", copy, {"metrics": {}})
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMETHEUS_", "CAPTIONER_"))}
     env.update(CAPTIONER_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), CAPTIONER_POLL_SECONDS="3600",
                CAPTIONER_LOG_REQUESTS="false")
@@ -289,7 +271,7 @@ def served(smoke_run, tmp_path_factory):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url)
+        wait_ready(url, process=server)
         yield server, url, root
     finally:
         server.terminate()
@@ -335,7 +317,7 @@ def test_version_gauge_forgets_dead_workers(served):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (len(_children(server.pid) - old) < 2 or _children(server.pid) & old):
         time.sleep(0.2)
-    _wait_ready(url)
+    wait_ready(url, process=server)
     for _ in range(8):
         assert json.loads(_get(url + "/model/info")[1])["version"] == "1"
     assert _version_gauge(url) == 1
