@@ -1,5 +1,6 @@
 """The KFP pipeline: golden compiled YAML, components called as functions, and kfp.local runs."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -118,9 +119,10 @@ def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
     from captioner.config import SyntheticConfig
     from captioner.data.synthetic import generate
 
-    data = generate(tmp_path / "data", SyntheticConfig(num_train=60, num_dev=8, num_test=8, image_size=64, seed=5))
-    overrides = ["data.format=flickr8k", f"data.root={data}", f"features.cache_dir={tmp_path / 'features'}",
-                 "train.epochs=2"]
+    # The smoke preset's size and epochs: a model that scores above zero, so that the champion
+    # comparison at the end has something to compare.
+    data = generate(tmp_path / "data", SyntheticConfig(num_train=300, num_dev=24, num_test=24, image_size=64, seed=5))
+    overrides = ["data.format=flickr8k", f"data.root={data}", f"features.cache_dir={tmp_path / 'features'}"]
     root, repo = tmp_path / "root", str(tmp_path / "models")
     reading = ("tokenize", "extract-features", "train")
 
@@ -132,7 +134,9 @@ def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
 
     first = run()
     assert {first["tasks"][t]["status"] for t in ("fingerprint", *reading)} == {"succeeded"}
-    assert extracted(first)["extracted"] == 76 and extracted(first)["images"] == 76
+    # Features are cached by image content: images with the same bytes are extracted once.
+    distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in (data / "images").iterdir()})
+    assert extracted(first)["extracted"] == distinct and extracted(first)["images"] == 348
     assert first["registered_version"] == 1
 
     again = run()
@@ -148,7 +152,16 @@ def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
     assert changed["fingerprint"] != first["fingerprint"]
     assert {changed["tasks"][t]["status"] for t in reading} == {"succeeded"}
     # The images did not change: extract runs, but the backbone sees none of them.
-    assert extracted(changed)["extracted"] == 0 and extracted(changed)["images"] == 76
+    assert extracted(changed)["extracted"] == 0 and extracted(changed)["images"] == 348
+
+    # On the champion's own data, an untrained candidate clears a zero floor but not the champion,
+    # which the gate re-scores on this very split.
+    versions = ModelRepository(repo).versions("captioner")
+    worse = run_local("smoke", [*overrides, "train.epochs=0"], pipeline_root=root, model_repo=repo, bleu4_floor=0.0)
+    reason = worse["gate"]["reason"]
+    assert worse["gate"]["passed"] is False and worse["tasks"]["register"]["status"] == "skipped", reason
+    assert "worse than champion" in reason and "below the floor" not in reason and "24 images" in reason, reason
+    assert ModelRepository(repo).versions("captioner") == versions
 
 
 def test_failing_step_stops_the_run_and_registers_nothing(tmp_path, captioner_cache):
