@@ -4,8 +4,9 @@
 N clients (default 8) post images for --seconds (default 20) through the gateway (tfserving backend).
 Reports requests, errors, latency p50/p99, captions that differ from the library's
 (SavedModelCaptioner on the same bytes) and how the server batched decode_step calls (requests per
-batch). The test suite runs the same check for a few seconds
-(tests/integration/test_gateway.py::test_concurrent_clients_are_batched_by_the_server).
+batch). The test suite runs the same check on a fixed number of requests per client, started
+together (tests/integration/test_gateway.py::test_concurrent_clients_are_batched_by_the_server).
+The stand-in runs every merged batch eagerly in Python: its throughput says nothing about TF Serving's.
 
     python benchmarks/bench_tfserving_batching.py --saved-model runs/f8k/saved_model \
         --image ../shared/data/flickr8k/images/1000268201_693b08cb0e.jpg
