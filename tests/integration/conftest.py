@@ -57,3 +57,13 @@ def wait_ready(url: str, seconds: float = 120, process: subprocess.Popen | None 
             pass
         time.sleep(0.3)
     raise AssertionError(f"{url} not ready within {seconds}s")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop a server the test started: politely, then for sure."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)

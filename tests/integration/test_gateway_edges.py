@@ -24,7 +24,7 @@ from captioner.serving.settings import Settings
 from PIL import Image
 
 from captioner.registry import ModelRepository, ModelVersionManager
-from tests.integration.conftest import free_port, wait_ready
+from tests.integration.conftest import free_port, stop_process, wait_ready
 
 pytestmark = pytest.mark.integration
 ORIGIN = "https://example.com"
@@ -274,12 +274,7 @@ def served(smoke_run, tmp_path_factory):
         wait_ready(url, process=server)
         yield server, url, root
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        stop_process(server)
 
 
 def test_oversize_upload_413_reaches_a_client_that_writes_everything_first(served):

@@ -19,7 +19,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import free_port, wait_ready
+from tests.integration.conftest import free_port, stop_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -86,12 +86,7 @@ def server(repo):
         wait_ready(f"http://127.0.0.1:{port}", process=process)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
 
 def test_stalled_and_trickling_clients_do_not_starve_the_gateway(server, test_images):
