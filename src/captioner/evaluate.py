@@ -71,12 +71,27 @@ def coco_scores(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str
 
 
 def _close_meteor(scorer) -> None:
-    with scorer.lock:
-        if scorer.meteor_p:
-            scorer.meteor_p.stdin.close()
-            scorer.meteor_p.kill()
-            scorer.meteor_p.wait()
-            scorer.meteor_p = None
+    """Stop the METEOR Java process now, so that ``Meteor.__del__`` finds nothing left to do.
+
+    ``__del__`` (at garbage collection or interpreter exit) takes ``scorer.lock`` and then closes, kills
+    and waits for ``scorer.meteor_p``: so the process object stays (all three are no-ops on a stopped
+    process; None made it raise "'NoneType' object has no attribute 'stdin'"), and the lock is left
+    free. ``compute_score`` keeps the lock when it raises (e.g. Java died): it is then held by this
+    thread, which is done with the scorer, so it is replaced rather than waited for.
+    """
+    import contextlib
+    import threading
+
+    process = scorer.meteor_p
+    if process is not None:
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    scorer.lock = threading.Lock()
 
 
 def nltk_corpus_bleu(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]) -> float:
