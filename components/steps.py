@@ -20,21 +20,23 @@ def fingerprint(config: str, overrides: list, image: str) -> str:
     Its output is an input of every step that reads data, so KFP's cache (keyed on inputs) serves
     those steps only while the data stay the same.
     """
-    from captioner.config import load_config
+    from captioner.pipelines.step_config import load_step_config
+
     from captioner.fingerprint import run_fingerprint
     from captioner.workflow import load_data
 
-    cfg = load_config(config, overrides)
+    cfg = load_step_config(config, overrides)
     return run_fingerprint(cfg, load_data(cfg), image)
 
 
 def tokenize(config: str, overrides: list, fingerprint: str, vocab: Output[Dataset]):
     """Read the data set and fit the vocabulary on the train captions."""
-    from captioner.config import load_config
+    from captioner.pipelines.step_config import load_step_config
+
     from captioner.fingerprint import check_unchanged
     from captioner.workflow import load_data, tokenize_step
 
-    cfg = load_config(config, overrides)
+    cfg = load_step_config(config, overrides)
     dataset = load_data(cfg)
     data_fingerprint = check_unchanged(fingerprint, dataset)
     tokenizer = tokenize_step(cfg, dataset, vocab.path)
@@ -46,11 +48,12 @@ def tokenize(config: str, overrides: list, fingerprint: str, vocab: Output[Datas
 def extract_features(config: str, overrides: list, fingerprint: str, features: Output[Dataset]):
     """Backbone features of every image into the artifact; only images whose content the feature
     cache (``features.cache_dir``, shared storage on a cluster) lacks go through the backbone."""
-    from captioner.config import load_config
+    from captioner.pipelines.step_config import load_step_config
+
     from captioner.fingerprint import check_unchanged
     from captioner.workflow import extract_step, load_data
 
-    cfg = load_config(config, overrides)
+    cfg = load_step_config(config, overrides)
     dataset = load_data(cfg)
     check_unchanged(fingerprint, dataset)
     store = extract_step(cfg, dataset, progress=False, output=features.path)
@@ -65,7 +68,8 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
     import json
     from pathlib import Path
 
-    from captioner.config import load_config
+    from captioner.pipelines.step_config import load_step_config
+
     from captioner.data.tokenizer import Tokenizer
     from captioner.export import export_saved_model
     from captioner.features.backbones import build_backbone
@@ -74,7 +78,7 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
     from captioner.tracking import ExperimentTracker
     from captioner.workflow import fit_and_tune, load_data
 
-    cfg = load_config(config, overrides)
+    cfg = load_step_config(config, overrides)
     dataset = load_data(cfg)
     data_fingerprint = check_unchanged(fingerprint, dataset)
     out = Path(model.path)
@@ -110,11 +114,16 @@ def evaluate(config: str, overrides: list, fingerprint: str, model: Input[Model]
     """
     import json
 
-    from captioner.config import load_config
+    from captioner.pipelines.step_config import load_step_config
+
     from captioner.features.extract import FeatureStore
     from captioner.workflow import evaluate_and_gate
 
-    cfg = load_config(config, overrides)
+    cfg = load_step_config(config, overrides)
+    # KFP names an output file after the output (`report`); with `.html` a browser, and the KFP UI's
+    # HTML viewer, render it instead of showing its source. KFP and kfp.local record the URI set here.
+    if not report.uri.endswith(".html"):
+        report.uri += ".html"
     result, decision = evaluate_and_gate(cfg, model.path, FeatureStore(features.path), model_repo=model_repo,
                                          model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance,
                                          report_html=report.path, progress=False, fingerprint=fingerprint,

@@ -161,11 +161,34 @@ def list_runs(pipeline_root: str | Path) -> list[dict[str, Any]]:
 
 
 def get_run(pipeline_root: str | Path, run_id: str) -> dict[str, Any]:
+    """The run whose id is ``run_id``, or the only one it begins, or the newest for ``latest``."""
     runs = list_runs(pipeline_root)
-    if run_id == "latest" and runs:
+    where = str(Path(pipeline_root) / RUNS_DIR)
+    if not runs:
+        raise CaptionerError("no runs recorded here (run `captioner pipeline run --local` first)", path=where)
+    if run_id == "latest":
         return runs[-1]
-    found = [r for r in runs if r["run_id"] == run_id or r["run_id"].endswith(run_id)]
-    if len(found) != 1:
-        raise CaptionerError(f"no single run matches {run_id!r} ({len(found)} found); see `captioner runs list`",
-                             path=str(Path(pipeline_root) / RUNS_DIR))
-    return found[0]
+    exact = [r for r in runs if r["run_id"] == run_id]
+    found = exact or [r for r in runs if r["run_id"].startswith(run_id)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        newest = ", ".join(r["run_id"] for r in runs[-3:])
+        raise CaptionerError(f"no run id is or begins with {run_id!r}; the newest: {newest} (all: `captioner runs "
+                             "list`)", path=where)
+    shown = ", ".join(r["run_id"] for r in found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+    raise CaptionerError(f"{run_id!r} begins {len(found)} run ids: {shown}; give more of the id", path=where)
+
+
+def report_url(report: str | None) -> str | None:
+    """The evaluation report as a URL a browser opens: ``file://`` for a local path, else as recorded."""
+    if not report:
+        return None
+    if "://" in report:
+        return report
+    return Path(report).resolve().as_uri()
+
+
+# What a task's single return value means: KFP records it under the name "Output".
+RESULT_NAMES = {"fingerprint": "fingerprint", "evaluate": "gate passed", "register": "version"}
+TASK_ORDER = ("fingerprint", "tokenize", "extract-features", "train", "evaluate", "register")

@@ -212,7 +212,8 @@ def _pipeline_options(func):
         click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP),
         click.option("--set", "overrides", multiple=True, help=SET_HELP),
         click.option("--model-repo", required=True, help="Model repository: a folder or gs:// URI."),
-        click.option("--model-name", default="captioner", show_default=True),
+        click.option("--model-name", default="captioner", show_default=True,
+                     help="The model's name in the repository."),
         click.option("--bleu4-floor", type=float, default=0.1, show_default=True,
                      help="Gate: the lowest test BLEU-4 a model may have to be registered."),
         click.option("--tolerance", type=float, default=0.005, show_default=True,
@@ -234,24 +235,48 @@ def _cloud_options(func):
         click.option("--project", default=None, help="Vertex: Google Cloud project."),
         click.option("--region", default=None, help="Vertex: region, e.g. us-central1."),
         click.option("--pipeline-root", default=None, help="Vertex: gs:// folder for run artifacts."),
-        click.option("--service-account", default=None),
-        click.option("--experiment", default="captioner", show_default=True),
+        click.option("--service-account", default=None,
+                     help="Vertex: the service account the run's steps use (default: the Compute Engine one)."),
+        click.option("--experiment", default="captioner", show_default=True,
+                     help="The experiment the run is filed under."),
         click.option("--package", type=click.Path(dir_okay=False), default=None,
                      help="A compiled pipeline.yaml (default: compile now)."),
-        click.option("--image", default=None, help="Component image to pin when compiling."),
+        click.option("--image", default=None,
+                     help="Component image to pin when compiling, e.g. REF@sha256:... (default: a placeholder "
+                          "name, with a warning)."),
         click.option("--accelerator-type", default=None, help="e.g. NVIDIA_TESLA_T4 (Vertex) or nvidia.com/gpu."),
-        click.option("--accelerator-count", type=int, default=None),
+        click.option("--accelerator-count", type=click.IntRange(min=0), default=None,
+                     help="GPUs per training and extraction step (default: the pipeline's, 1)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _check_cloud(host, vertex, project, region, pipeline_root) -> None:
+def _check_cloud(host, vertex, project, region, pipeline_root, *, config_name, overrides, model_repo, model_name,
+                 bleu4_floor, tolerance, accelerator_type, accelerator_count, allow_unscorable_champion, package,
+                 image, cron=None) -> dict:
+    """Check here all that can be checked (options, cron, config, overrides, package) before any client
+    talks to a host, so a typo is reported as what and where, not as a connection error; returns the
+    run's parameters (the resolved config embedded) and warns about the placeholder image."""
+    from captioner.pipelines import deploy
+
     if vertex and not (project and region and pipeline_root):
         raise click.UsageError("--vertex needs --project, --region and --pipeline-root gs://...")
     if not vertex and not host:
         raise click.UsageError("give --host URL (Kubeflow Pipelines) or --vertex")
+    if vertex:
+        deploy.check_pipeline_root(pipeline_root)
+    if cron is not None:
+        deploy.validate_cron(cron, vertex=vertex)
+    params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
+                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
+    if package:
+        deploy.check_package(package, params)
+    warning = deploy.placeholder_image_warning(image, package)
+    if warning:
+        click.echo(warning, err=True)
+    return params
 
 
 @pipeline.command("compile")
@@ -280,7 +305,7 @@ def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_b
                  config_name: str, overrides: tuple[str, ...], model_repo: str, model_name: str, bleu4_floor: float,
                  tolerance: float, allow_unscorable_champion: bool) -> None:
     """Run the whole DAG locally; print the run id, the gate decision and the registered version."""
-    from captioner.pipelines.local import run_local
+    from captioner.pipelines.local import report_url, run_local
 
     _config(config_name, overrides)  # fail fast, with the field named, before any step starts
     record = run_local(config_name, list(overrides), pipeline_root=pipeline_root, model_repo=model_repo,
@@ -295,7 +320,7 @@ def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_b
         click.echo(f"registered: nothing new (this model is version {record['already_registered_as']})")
     else:
         click.echo("registered: nothing")
-    click.echo(f"report: {record['report']}")
+    click.echo(f"report: {report_url(record['report'])}")
 
 
 @pipeline.command("submit")
@@ -308,9 +333,11 @@ def pipeline_submit(host, vertex, project, region, pipeline_root, service_accoun
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
 
-    _check_cloud(host, vertex, project, region, pipeline_root)
-    params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
+    params = _check_cloud(host, vertex, project, region, pipeline_root, config_name=config_name,
+                          overrides=overrides, model_repo=model_repo, model_name=model_name, bleu4_floor=bleu4_floor,
+                          tolerance=tolerance, accelerator_type=accelerator_type,
+                          accelerator_count=accelerator_count, allow_unscorable_champion=allow_unscorable_champion,
+                          package=package, image=image)
     if vertex:
         name = deploy.submit_vertex(project, region, pipeline_root, params, experiment=experiment,
                                     service_account=service_account, package=package, image=image or DEFAULT_IMAGE)
@@ -331,9 +358,11 @@ def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeli
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
 
-    _check_cloud(host, vertex, project, region, pipeline_root)
-    params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
+    params = _check_cloud(host, vertex, project, region, pipeline_root, config_name=config_name,
+                          overrides=overrides, model_repo=model_repo, model_name=model_name, bleu4_floor=bleu4_floor,
+                          tolerance=tolerance, accelerator_type=accelerator_type,
+                          accelerator_count=accelerator_count, allow_unscorable_champion=allow_unscorable_champion,
+                          package=package, image=image, cron=cron)
     if vertex:
         name = deploy.schedule_vertex(project, region, pipeline_root, cron, params, name=schedule_name,
                                       service_account=service_account, package=package,
@@ -378,33 +407,47 @@ def runs_list(pipeline_root: Path) -> None:
 @ROOT_OPTION
 @click.option("--json", "as_json", is_flag=True)
 def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
-    """Each task's status, duration, metrics and artifact paths, and where the HTML report is."""
-    from captioner.pipelines.local import get_run
+    """Each task's status, duration, metrics and artifact paths, and the HTML report's file:// URL.
+
+    RUN_ID is a run id, the beginning of exactly one (see `captioner runs list`), or `latest`.
+    """
+    from captioner.pipelines.local import RESULT_NAMES, TASK_ORDER, get_run, report_url
+    from captioner.pipelines.step_config import config_label, is_embedded
 
     record = get_run(pipeline_root, run_id)
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
     click.echo(f"run {record['run_id']}: {record['status']} in {record['seconds']:.1f}s")
-    click.echo(f"parameters: {json.dumps(record['parameters'])}")
-    order = ["tokenize", "extract-features", "train", "evaluate", "register"]
-    for name, task in sorted(record["tasks"].items(), key=lambda item: order.index(item[0])
-                             if item[0] in order else len(order)):
+    params = dict(record["parameters"])
+    if is_embedded(str(params.get("config", ""))):
+        params["config"] = f"{config_label(params['config'])} (embedded)"
+    click.echo("parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    for name, task in sorted(record["tasks"].items(), key=lambda item: TASK_ORDER.index(item[0])
+                             if item[0] in TASK_ORDER else len(TASK_ORDER)):
         seconds = f"{task['seconds']:.1f}s" if "seconds" in task else "-"
         click.echo(f"  {name:17} {task['status']:10} {seconds:>8}")
         outputs = task.get("outputs", {})
         for key, value in outputs.get("parameters", {}).items():
-            click.echo(f"      {key} = {value}")
+            # "Output" is KFP's name for a step's return value: say what the value is instead.
+            click.echo(f"      {RESULT_NAMES.get(name, 'result') if key == 'Output' else key}: {value}")
         for key, artifact in outputs.get("artifacts", {}).items():
-            click.echo(f"      {key}: {artifact['uri']}")
+            location = report_url(artifact["uri"]) if key == "report" else artifact["uri"]
+            click.echo(f"      {key}: {location}")
             numbers = {k: v for k, v in artifact["metadata"].items() if isinstance(v, int | float)
                        and not isinstance(v, bool)}
             if numbers and key == "metrics":
                 click.echo("        " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(numbers.items())))
     gate = record["gate"]
-    click.echo(f"gate: {gate.get('passed')} - {gate.get('reason')}")
-    click.echo(f"registered version: {record['registered_version']}")
-    click.echo(f"HTML report: {record['report']}")
+    decision = {True: "passed", False: "rejected"}.get(gate.get("passed"), "not decided")
+    click.echo(f"gate: {decision}" + (f" - {gate['reason']}" if gate.get("reason") else ""))
+    if record["registered_version"] is not None:
+        click.echo(f"registered version: {record['registered_version']}")
+    elif record.get("already_registered_as") is not None:
+        click.echo(f"registered version: nothing new (this model is version {record['already_registered_as']})")
+    else:
+        click.echo("registered version: none")
+    click.echo(f"HTML report: {report_url(record['report']) or 'none (the evaluate step did not finish)'}")
 
 
 # -- serve -----------------------------------------------------------------------------------------

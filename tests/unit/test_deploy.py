@@ -146,7 +146,8 @@ def test_parameters_sent_are_the_pipelines_own_and_the_champion_policy_is_one_of
     assert PARAMS["allow_unscorable_champion"] is False
     assert declared["allow_unscorable_champion"] == {"defaultValue": False, "isOptional": True,
                                                      "parameterType": "BOOLEAN"}
-    allowed = deploy.pipeline_parameters("flickr8k", [], "gs://models/serving", allow_unscorable_champion=True)
+    allowed = deploy.pipeline_parameters("flickr8k", ["data.root=/gcs/data/flickr8k"], "gs://models/serving",
+                                         allow_unscorable_champion=True)
     assert allowed["allow_unscorable_champion"] is True
     evaluate = yaml.safe_load((ROOT / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]["evaluate"]
     assert evaluate["inputs"]["parameters"]["allow_unscorable_champion"] == {
