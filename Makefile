@@ -32,6 +32,19 @@ weights:
 	  echo "ImageNet weights copied to $(KERAS_HOME)/models"; \
 	else echo "no $(SHARED)/weights: real-data backbones will need their weights in $(KERAS_HOME)/models"; fi
 
+# The ImageNet weights the component image carries (images/weights/, which its Dockerfile copies into
+# the image's Keras cache): from ../shared, else from this machine's Keras cache. Never downloads.
+IMAGE_WEIGHTS ?= images/weights
+.PHONY: image-weights
+image-weights:  ## copy the ImageNet weight files into images/weights before `docker build`
+	@src=""; for dir in "$(SHARED)/weights/keras/models" "$(KERAS_HOME)/models"; do \
+	  if ls "$$dir"/*.h5 >/dev/null 2>&1; then src="$$dir"; break; fi; done; \
+	if [ -z "$$src" ]; then \
+	  echo "error: no ImageNet weight files (*.h5) in $(SHARED)/weights/keras/models or $(KERAS_HOME)/models;" \
+	    "put them in $(IMAGE_WEIGHTS) by hand (e.g. mobilenet_7_5_224_tf_no_top.h5)" >&2; exit 1; fi; \
+	mkdir -p "$(IMAGE_WEIGHTS)" && cp -u "$$src"/*.h5 "$(IMAGE_WEIGHTS)/" && \
+	echo "copied to $(IMAGE_WEIGHTS) from $$src:" $$(cd "$$src" && ls *.h5)
+
 demo: setup  ## the main job on the offline default: the whole pipeline (train, evaluate, gate, register)
 	$(BIN)/captioner pipeline run --local --config synthetic --pipeline-root runs/pipeline --model-repo models \
 	  --serving-base-path /models
