@@ -1,18 +1,22 @@
 """Submit and schedule the compiled pipeline on Kubeflow Pipelines or Vertex AI Pipelines.
 
-The clients are passed in (``client=``/``aiplatform=``) so tests can check what is sent without a
-cluster; by default they are ``kfp.Client(host)`` and ``google.cloud.aiplatform``.
+Everything that can be checked on this machine is, before a client is created: the config and its
+overrides (resolved, then sent as JSON: a cluster cannot read a YAML file that exists only here),
+the cron expression, the package. The clients are passed in (``client=``/``aiplatform=``) so tests
+can check what is sent without a cluster; by default they are ``kfp.Client(host)`` and
+``google.cloud.aiplatform``.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 from captioner.pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, compile_pipeline
-from captioner.pipelines.step_config import config_label, embed_config
+from captioner.pipelines.step_config import config_label, embed_config, is_embedded
 
 from captioner.config import load_config
 from captioner.errors import CaptionerError
@@ -67,6 +71,12 @@ def check_package(package: str | Path, params: dict[str, Any] | None = None) -> 
     if unknown:
         raise CaptionerError(f"the package does not declare the parameters {', '.join(unknown)} (compiled by "
                              "another release? run `captioner pipeline compile`)", path=str(path))
+    # Steps compiled before the config was embedded would take the JSON for a preset name and fail
+    # on the cluster; their source (inlined in the package) tells.
+    if params and is_embedded(str(params.get("config", ""))) and "load_step_config" not in json.dumps(
+            spec.get("deploymentSpec", {})):
+        raise CaptionerError("the package's steps predate embedded configs (compiled by an older release): "
+                             "run `captioner pipeline compile` again", path=str(path))
     return spec
 
 

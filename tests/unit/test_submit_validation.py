@@ -209,3 +209,13 @@ def test_make_image_weights_copies_the_shared_weights_offline(tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "no ImageNet weight files" in missing.stderr, missing.stderr
     assert str(tmp_path / "nowhere") in missing.stderr and not (tmp_path / "none").exists()
+
+
+def test_a_package_whose_steps_cannot_read_an_embedded_config_is_refused(kfp_host, capsys, tmp_path):
+    """A package compiled before configs were embedded would fail on the cluster: refused here."""
+    host, requests = kfp_host
+    old = tmp_path / "old.yaml"
+    old.write_text((ROOT / "pipeline.yaml").read_text().replace("load_step_config", "load_config"))
+    code, _, err = run(capsys, *SUBMIT, "--host", host, "--package", str(old), "--image", "x")
+    assert code == 2 and "predate embedded configs" in err and "old.yaml" in err, err
+    assert requests == []
