@@ -49,10 +49,8 @@ demo: setup  ## the main job on the offline default: the whole pipeline (train, 
 	$(BIN)/captioner pipeline run --local --config synthetic --pipeline-root runs/pipeline --model-repo models \
 	  --serving-base-path /models
 	$(BIN)/captioner runs show latest --pipeline-root runs/pipeline
-	$(BIN)/captioner caption --model models/captioner/$$(ls models/captioner | grep -E '^[0-9]+$$' | sort -n | tail -1) \
-	  --beam-size 3 $$($(BIN)/python -c "from captioner.workflow import load_data; \
-	  from captioner.config import load_config; d = load_data(load_config('synthetic')); \
-	  print(' '.join(str(d.image_path(i)) for i in d.splits['test'][:3]))")
+	$(BIN)/captioner caption --model models --beam-size 3 $$($(BIN)/captioner data samples --config synthetic -n 3)
+	@echo "the synthetic test images are in $$($(BIN)/captioner data samples --config synthetic --folder)"
 	@echo "serve it: $(BIN)/captioner serve --model-repo models   (then open http://127.0.0.1:8080/demo)"
 
 test: setup  ## the whole suite (CI runs this)

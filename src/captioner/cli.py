@@ -55,25 +55,57 @@ def train(config_name: str, output: Path, overrides: tuple[str, ...], restart: b
                f"SavedModel: {output / 'saved_model' if cfg.export.enabled else 'not exported'}")
 
 
-@cli.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="An exported SavedModel folder (e.g. RUN/saved_model or REPO/captioner/1).")
+MODEL_HELP = ("A model repository (its version labelled stable, else the newest), a model folder (REPO/NAME), "
+              "a version folder (REPO/NAME/3), a SavedModel or a run folder (`captioner train --output`).")
+
+
+def _resolve_model(path: Path, kind: str):
+    """The model ``--model`` names (see ``captioner.registry.resolve_model``), said on stderr."""
+    from captioner.registry import resolve_model
+
+    resolved = resolve_model(path, kind)
+    click.echo(f"model: {resolved.description}", err=True)
+    return resolved
+
+
+@cli.command(epilog="""\b
+Example:
+  captioner caption --model models photo.jpg other.png
+  captioner caption --model runs/f8k --beam-size 5 --json photos/""")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help=MODEL_HELP)
 @click.option("--beam-size", type=click.IntRange(1, 20), default=None, help="1 = greedy; default: the model's.")
 @click.option("--max-length", type=click.IntRange(2, 100), default=None)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (with n-best and scores).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 def caption(model_dir: Path, beam_size: int | None, max_length: int | None, as_json: bool,
             images: tuple[Path, ...]) -> None:
-    """Print a caption for each IMAGE."""
-    from captioner.predictor import SavedModelCaptioner
+    """Print a caption for each IMAGE (a file, or a folder: the images in it, sorted by name).
 
-    captioner = SavedModelCaptioner(model_dir)
-    results = captioner.caption_files(list(images), beam_size=beam_size, max_length=max_length)
-    for path, result in zip(images, results, strict=True):
-        if as_json:
+    An image that cannot be read is named on stderr with the reason (`path: reason`) and the others
+    are still captioned; the exit code is then 1.
+    """
+    from captioner.predictor import SavedModelCaptioner, expand_image_paths
+
+    paths, notes = expand_image_paths(images)
+    for note in notes:
+        click.echo(note, err=True)
+    if not paths:
+        raise click.UsageError("no image to caption (the folders given hold no image files)")
+    captioner = SavedModelCaptioner(_resolve_model(model_dir, "saved_model").path)
+    results = captioner.caption_each(paths, beam_size=beam_size, max_length=max_length)
+    failed = 0
+    for path, result in zip(paths, results, strict=True):
+        if isinstance(result, CaptionerError):
+            failed += 1
+            click.echo(str(result), err=True)  # the error names the file: "path: reason"
+        elif as_json:
             click.echo(json.dumps({"image": str(path), **result.to_dict()}))
         else:
             click.echo(f"{path}\t{result.caption}")
+    if failed:
+        click.echo(f"{failed} of {len(paths)} images could not be captioned", err=True)
+        # Not a click or captioner error: the captions above are the answer, only the code says some failed.
+        raise SystemExit(1)
 
 
 def _check_vocab_output(folder: Path) -> None:
@@ -140,14 +172,24 @@ def extract(config_name: str, cache: Path | None, overrides: tuple[str, ...], qu
     click.echo(f"features: {len(store.index)} cached in {store.folder}")
 
 
-@cli.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="A trained-model folder (a `captioner train` output).")
-@click.option("--config", "config_name", default=None, help="Default: the config the model was trained with.")
+TRAINED_MODEL_HELP = ("A run folder (`captioner train --output`), or a repository, model or version folder whose "
+                      "SavedModel was registered from a run folder still on this machine (its stable version, "
+                      "else the newest).")
+
+
+@cli.command(epilog="""\b
+Example:
+  captioner evaluate --model runs/f8k --split dev
+  captioner evaluate --model models --output runs/eval.json""")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help=TRAINED_MODEL_HELP)
+@click.option("--config", "config_name", default=None,
+              help="Evaluate on this config's data (default: the config the model was trained with).")
+
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
-@click.option("--split", type=click.Choice(["test", "dev"]), default=None)
+@click.option("--split", type=click.Choice(["test", "dev"]), default=None,
+              help="Which split to score (default: the config's eval.split, usually test).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the report here (default: print it).")
+              help="Write the report (JSON, with sample captions) here (default: print the scores).")
 def evaluate(model_dir: Path, config_name: str | None, overrides: tuple[str, ...], split: str | None,
              output: Path | None) -> None:
     """Score a trained model with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (greedy and beam)."""
@@ -158,7 +200,7 @@ def evaluate(model_dir: Path, config_name: str | None, overrides: tuple[str, ...
 
     if output is not None:
         _check_report_output(output)
-    model, tokenizer, spec = load_trained(model_dir)
+    model, tokenizer, spec = load_trained(_resolve_model(model_dir, "trained").path)
     cfg = _config(config_name, overrides) if config_name else with_overrides(spec.full_config,
                                                                              parse_overrides(overrides))
     dataset = load_data(cfg)
@@ -170,12 +212,14 @@ def evaluate(model_dir: Path, config_name: str | None, overrides: tuple[str, ...
         click.echo(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
 
 
-@cli.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="A trained-model folder (a `captioner train` output).")
+@cli.command(epilog="""\b
+Example:
+  captioner export --model runs/f8k --output runs/f8k-export""")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help=TRAINED_MODEL_HELP)
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Where the SavedModel folder is written (atomically).")
-@click.option("--name", "model_name", default="captioner", show_default=True)
+@click.option("--name", "model_name", default="captioner", show_default=True,
+              help="Model name recorded in the SavedModel's metadata (what TF Serving and the gateway call it).")
 def export(model_dir: Path, output: Path, model_name: str) -> None:
     """Export a trained model as a TF Serving SavedModel.
 
@@ -189,6 +233,7 @@ def export(model_dir: Path, output: Path, model_name: str) -> None:
 
     check_replaceable(output, is_captioner_export, hint=" (--output: only a SavedModel that captioner exported "
                                                         "is replaced)")
+    model_dir = _resolve_model(model_dir, "trained").path
     model, _, spec = load_trained(model_dir)
     cfg = spec.full_config
     metrics = {}
@@ -199,6 +244,47 @@ def export(model_dir: Path, output: Path, model_name: str) -> None:
     backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
     export_saved_model(backbone, model, model_dir, output, cfg, metrics, model_name)
     click.echo(f"SavedModel: {output}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+@cli.group(epilog="""\b
+Example:
+  captioner data samples --config synthetic -n 3""")
+def data() -> None:
+    """Look at a config's data: where its images are."""
+
+
+@data.command("samples", epilog="""\b
+Example:
+  captioner data samples --config synthetic --split test -n 3
+  captioner caption --model models $(captioner data samples --config synthetic -n 3)
+  captioner data samples --config flickr8k --set data.root=../shared/data/flickr8k --folder""")
+@click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--split", type=click.Choice(["train", "dev", "test"]), default="test", show_default=True,
+              help="Which split's images.")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many image paths to print (the split's first ones).")
+@click.option("--folder", "folder_only", is_flag=True, help="Print only the folder that holds the images.")
+def data_samples(config_name: str, overrides: tuple[str, ...], split: str, count: int, folder_only: bool) -> None:
+    """Print the paths of a few images of a config's data, one a line.
+
+    The synthetic data are generated on first use (as `train` does) into the cache folder
+    ($CAPTIONER_CACHE, default ~/.cache/captioner); the folder is said on stderr.
+    """
+    from captioner.workflow import load_data
+
+    dataset = load_data(_config(config_name, overrides))
+    images = dataset.splits.get(split, [])
+    if folder_only:
+        click.echo(str(dataset.images_dir.absolute()))
+        return
+    if not images:
+        raise CaptionerError(f"the {split} split has no images", path=str(dataset.images_dir))
+    click.echo(f"{dataset.name} {split} images: {dataset.images_dir.absolute()} ({len(images)}; first "
+               f"{min(count, len(images))} below)", err=True)
+    for image in images[:count]:
+        click.echo(str(dataset.image_path(image).absolute()))
 
 
 # -- pipeline ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 
 from captioner import constants as C
 from captioner.data.images import load_image
-from captioner.errors import ModelError
+from captioner.errors import ImageError, ModelError
 
 
 @dataclass
@@ -175,9 +175,53 @@ class SavedModelCaptioner:
         pixels = np.stack([load_image(p, self.image_size) for p in paths])
         return self.caption_pixels(pixels, **kwargs)
 
+    def caption_each(self, paths: Sequence[Path | str], **kwargs) -> list[Caption | ImageError]:
+        """Like ``caption_files``, but an image that cannot be read does not spoil the others: its
+        entry is the ``ImageError`` saying why (it names the file), the readable ones are captioned."""
+        loaded: list[np.ndarray | ImageError] = []
+        for path in paths:
+            try:
+                loaded.append(load_image(path, self.image_size))
+            except ImageError as exc:
+                loaded.append(exc)
+        good = [p for p in loaded if not isinstance(p, ImageError)]
+        captions = iter(self.caption_pixels(np.stack(good), **kwargs) if good else [])
+        return [p if isinstance(p, ImageError) else next(captions) for p in loaded]
+
+
+# What a folder given to ``caption`` is searched for (what ``load_image`` reads; not recursive).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def expand_image_paths(paths: Sequence[Path | str]) -> tuple[list[Path], list[str]]:
+    """Files as given; a folder is replaced by its image files (by suffix, sorted by name, hidden
+    files ignored). Returns ``(paths, notes)``: a note for each entry of a folder that was skipped."""
+    found: list[Path] = []
+    notes: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        images = []
+        for entry in sorted(path.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(entry)
+            else:
+                kind = "a folder (folders are not searched)" if entry.is_dir() else "not an image file name"
+                notes.append(f"{entry}: skipped: {kind}")
+        if not images:
+            notes.append(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        found.extend(images)
+    return found, notes
+
 
 def caption_images(model_dir: Path | str, paths: Sequence[Path | str], beam_size: int = 3,
                    max_length: int | None = None, with_attention: bool = False) -> list[Caption]:
-    """Caption image files with an exported SavedModel; the notebook/script entry point."""
-    return SavedModelCaptioner(model_dir).caption_files(paths, beam_size=beam_size, max_length=max_length,
-                                                        with_attention=with_attention)
+    """Caption image files with an exported SavedModel; the notebook/script entry point. ``model_dir``
+    is anything ``captioner.registry.resolve_model`` takes (a repository, model, version or run folder)."""
+    from captioner.registry import resolve_model
+
+    captioner = SavedModelCaptioner(resolve_model(model_dir).path)
+    return captioner.caption_files(paths, beam_size=beam_size, max_length=max_length, with_attention=with_attention)

@@ -74,9 +74,9 @@ def describe_split(split: dict[str, Any] | None) -> str:
 def unscorable_advice(champion_version: int | None) -> str:
     """How to get past a champion the gate cannot re-score (said in the rejection itself)."""
     return (f"to proceed, either re-export champion v{champion_version}'s run folder with this release "
-            f"(`captioner export RUN_DIR OUTPUT`) and register that as a new version, or run again with "
-            f"`--allow-unscorable-champion` (pipeline parameter allow_unscorable_champion=True) to judge the "
-            f"candidate on the floor alone")
+            f"(`captioner export --model RUN_DIR --output OUTPUT`) and register that as a new version, or run "
+            f"again with `--allow-unscorable-champion` (pipeline parameter allow_unscorable_champion=True) to "
+            f"judge the candidate on the floor alone")
 
 
 def gate(candidate_bleu4: float, champion_bleu4: float | None, *, floor: float, tolerance: float,
@@ -350,3 +350,126 @@ class ModelVersionManager:
         previous = moves[-1]["previous"]
         self.repository.set_label(self.model_name, label, previous)
         return previous
+
+
+# -- naming a model on the command line ----------------------------------------------------------
+SAVED_MODEL = "saved_model"
+TRAINED = "trained"
+MODEL_JSON = "model.json"  # a trained-model folder (captioner.train.MODEL_JSON; not imported: that pulls in Keras)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What ``resolve_model`` found: ``path`` is the folder to load (a SavedModel for
+    ``kind="saved_model"``, a trained-model folder with ``model.json`` for ``kind="trained"``);
+    ``description`` says which model and version that is, for the user."""
+
+    path: Path
+    description: str
+    kind: str
+    version: int | None = None
+    model_name: str | None = None
+
+
+def _is_saved_model(folder: Path) -> bool:
+    return (folder / "saved_model.pb").is_file()
+
+
+def _pick_version(repo: Path, name: str) -> ResolvedModel:
+    """A model folder's ``stable`` version, else its newest (as the gate's champion is chosen)."""
+    repository = ModelRepository(repo)
+    versions = repository.versions(name)
+    stable = repository.labels(name).get(STABLE)
+    if stable in versions:
+        why = f"labelled {STABLE}"
+    elif stable is not None:
+        why = f"the newest; the {STABLE} label names version {stable}, which is not there"
+    else:
+        why = f"the newest of {len(versions)}; none is labelled {STABLE}"
+    version = stable if stable in versions else versions[-1]
+    return ResolvedModel(repo / name / str(version), f"{repo / name} version {version} ({why})", SAVED_MODEL,
+                         version, name)
+
+
+def _resolve_saved_model(folder: Path, model_name: str | None) -> ResolvedModel | None:
+    if _is_saved_model(folder):
+        if folder.name.isdigit() and folder.parent.name:
+            return ResolvedModel(folder, f"{folder.parent} version {folder.name}", SAVED_MODEL, int(folder.name),
+                                 folder.parent.name)
+        return ResolvedModel(folder, f"SavedModel {folder}", SAVED_MODEL)
+    if _is_saved_model(folder / SAVED_MODEL):
+        return ResolvedModel(folder / SAVED_MODEL, f"run {folder} (its {SAVED_MODEL}/)", SAVED_MODEL)
+    if ModelRepository(folder.parent).versions(folder.name):
+        return _pick_version(folder.parent, folder.name)
+    repository = ModelRepository(folder)
+    models = repository.models()
+    if model_name is not None:
+        if model_name not in models:
+            raise RegistryError(f"no model {model_name!r} with a complete version in this repository "
+                                f"(models: {', '.join(models) or 'none'})", path=str(folder))
+        return _pick_version(folder, model_name)
+    if len(models) == 1:
+        return _pick_version(folder, models[0])
+    if len(models) > 1:
+        raise RegistryError(f"this repository holds several models ({', '.join(sorted(models))}); name one: "
+                            f"{folder / sorted(models)[0]}", path=str(folder))
+    return None
+
+
+def _source_model(resolved: ResolvedModel) -> Path | None:
+    """The trained-model folder a SavedModel was exported from, when it is on this machine: the
+    run folder around ``RUN/saved_model``, or a registered version's ``source_model``."""
+    if resolved.path.name == SAVED_MODEL and (resolved.path.parent / MODEL_JSON).is_file():
+        return resolved.path.parent
+    try:
+        source = json.loads((resolved.path / METADATA_JSON).read_text()).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(source, str) and not source.startswith("gs://") and (Path(source) / MODEL_JSON).is_file():
+        return Path(source)
+    return None
+
+
+def resolve_model(path: str | Path, kind: str = SAVED_MODEL, model_name: str | None = None) -> ResolvedModel:
+    """The model a user means by ``path``, for every command that takes one.
+
+    ``path`` may be a model repository (its only model, or ``model_name``), a model folder
+    (``REPO/<name>``: its version labelled ``stable``, else the newest), a version folder or any
+    SavedModel folder, or a run folder (its ``saved_model/``, or for ``kind="trained"`` the run
+    itself). ``kind="saved_model"`` finds a SavedModel to caption with; ``kind="trained"`` finds a
+    trained-model folder (``model.json`` and weights: what ``evaluate`` and ``export`` load), for a
+    SavedModel the folder it was trained in when that is still here. Raises ``RegistryError`` naming
+    the path and what was looked for when nothing fits."""
+    if kind not in (SAVED_MODEL, TRAINED):
+        raise ValueError(f"kind must be {SAVED_MODEL!r} or {TRAINED!r}, not {kind!r}")
+    folder = Path(path)
+    if str(path).startswith("gs://"):
+        raise RegistryError("name a local folder (copy the version from Cloud Storage first)", path=str(path))
+    if not folder.exists():
+        raise RegistryError("no such folder", path=str(folder))
+    if folder.name in ("", ".", ".."):
+        folder = folder.resolve()  # "." names a folder too: its name says whether it is a version
+    if not folder.is_dir():
+        raise RegistryError("is a file; name a model folder (a SavedModel, run, model or repository folder)",
+                            path=str(folder))
+    if kind == TRAINED and (folder / MODEL_JSON).is_file():
+        return ResolvedModel(folder, f"trained model {folder}", TRAINED)
+    resolved = _resolve_saved_model(folder, model_name)
+    if resolved is None:
+        if kind == SAVED_MODEL and (folder / MODEL_JSON).is_file():
+            raise RegistryError(f"a trained model ({MODEL_JSON}) without a SavedModel: export one first with "
+                                f"`captioner export --model {folder} --output {folder / SAVED_MODEL}`",
+                                path=str(folder))
+        wanted = "a trained-model folder (model.json), " if kind == TRAINED else ""
+        raise RegistryError(f"no model found here: looked for {wanted}a SavedModel (saved_model.pb), a run folder "
+                            f"(saved_model/saved_model.pb), a model folder (numbered versions with saved_model.pb) "
+                            f"and a model repository (<model>/<version>/saved_model.pb)", path=str(folder))
+    if kind == SAVED_MODEL:
+        return resolved
+    source = _source_model(resolved)
+    if source is None:
+        raise RegistryError(f"{resolved.description} is a SavedModel; this command needs the trained-model folder "
+                            f"({MODEL_JSON} and weights) it was exported from, which is not recorded or not on "
+                            f"this machine: name the run folder", path=str(folder))
+    return ResolvedModel(source, f"{resolved.description}, trained in {source}", TRAINED, resolved.version,
+                         resolved.model_name)

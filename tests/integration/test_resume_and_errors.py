@@ -105,8 +105,10 @@ def test_caption_reports_an_undecodable_image(smoke_run, tmp_path, capsys):
     out, _ = smoke_run
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    code, err = _cli_error(capsys, ["caption", "--model", str(out / "saved_model"), str(bad)])
-    assert code == 2 and "bad.png" in err
+    with pytest.raises(SystemExit) as exited:  # exit code 1: some images could not be captioned
+        main(["caption", "--model", str(out / "saved_model"), str(bad)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and f"{bad}: not a decodable image" in err
 
 
 

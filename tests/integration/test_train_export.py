@@ -136,6 +136,6 @@ def test_caption_cli_and_python_api(smoke_run):
     result = CliRunner().invoke(cli, ["caption", "--model", str(out / "saved_model"), "--beam-size", "2",
                                       "--json", *paths])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [line["caption"] for line in lines] == [r.caption for r in api]
     assert len(lines[0]["nbest"]) == 2
