@@ -33,7 +33,10 @@ def cli() -> None:
     _quiet_tensorflow()
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Example:
+  captioner train --config synthetic --output runs/demo
+  captioner train --config flickr8k --set data.root=../shared/data/flickr8k --set train.epochs=20 --output runs/f8k""")
 @click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP)
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: metrics, checkpoints, evaluation and the SavedModel go here.")
@@ -141,9 +144,12 @@ def _check_report_output(path: Path) -> None:
                              "(choose another --output)", path=str(path))
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Example:
+  captioner tokenize --config flickr8k --set data.root=../shared/data/flickr8k --output runs/vocab""")
 @click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP)
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for vocab.json and vocab.txt (new, or one whose vocabulary captioner wrote).")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 def tokenize(config_name: str, output: Path, overrides: tuple[str, ...]) -> None:
     """Fit the vocabulary on the train captions; write vocab.json and vocab.txt to OUTPUT."""
@@ -155,12 +161,15 @@ def tokenize(config_name: str, output: Path, overrides: tuple[str, ...]) -> None
     click.echo(f"vocabulary: {tokenizer.vocab_size} tokens -> {output}")
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Example:
+  captioner extract --config flickr8k --set data.root=../shared/data/flickr8k
+  captioner extract --config synthetic --cache /mnt/shared/features --quiet""")
 @click.option("--config", "config_name", default="synthetic", show_default=True, help=CONFIG_HELP)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Feature cache folder (default: under $CAPTIONER_CACHE).")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress output.")
 def extract(config_name: str, cache: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Extract (and cache) backbone features for every image of every split."""
     from captioner.workflow import extract_step, load_data
