@@ -460,6 +460,9 @@ def resolve_model(path: str | Path, kind: str = SAVED_MODEL, model_name: str | N
             raise RegistryError(f"a trained model ({MODEL_JSON}) without a SavedModel: export one first with "
                                 f"`captioner export --model {folder} --output {folder / SAVED_MODEL}`",
                                 path=str(folder))
+        if (folder / SETTINGS_FILE).is_file() or (folder / MODELS_CONFIG).is_file():
+            raise RegistryError("a model repository without any complete version yet (register one with "
+                                "`captioner pipeline run --local --model-repo ...`)", path=str(folder))
         wanted = "a trained-model folder (model.json), " if kind == TRAINED else ""
         raise RegistryError(f"no model found here: looked for {wanted}a SavedModel (saved_model.pb), a run folder "
                             f"(saved_model/saved_model.pb), a model folder (numbered versions with saved_model.pb) "

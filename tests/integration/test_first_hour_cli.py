@@ -67,6 +67,9 @@ def test_caption_names_the_folder_and_what_it_looked_for(tmp_path, capsys):
     assert "looked for" in result.stderr and "model repository" in result.stderr
     result = Result(capsys, ["caption", "--model", str(tmp_path / "nowhere"), str(tmp_path / "a.png")])
     assert result.exit_code == 2 and f"{tmp_path / 'nowhere'}: no such folder" in result.stderr
+    ModelRepository(tmp_path / "repo").write_models_config()
+    result = Result(capsys, ["caption", "--model", str(tmp_path / "repo"), str(tmp_path / "a.png")])
+    assert result.exit_code == 2 and "a model repository without any complete version" in result.stderr
 
 
 def test_caption_a_folder_with_a_bad_file_from_a_repository(smoke_run, two_versions, tmp_path, capsys):
