@@ -90,8 +90,10 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
     export_saved_model(backbone, trained, out, out / "saved_model", cfg)
     rows = tracker.history()
     for key in ("train_loss", "val_loss", "dev_bleu4"):
-        if rows:
-            metrics.log_metric(f"final_{key}", float(rows[-1][key]))
+        # A row may lack a value (a metric not measured that epoch, a column added later): the last one measured.
+        measured = [row[key] for row in rows if isinstance(row.get(key), int | float)]
+        if measured:
+            metrics.log_metric(f"final_{key}", float(measured[-1]))
     metrics.log_metric("epochs", len(rows))
     # The metrics file must exist: kfp.local treats a cached output whose file is gone as a miss.
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
