@@ -1,11 +1,14 @@
 """The Flask gateway: ``create_app(settings)`` builds it; nothing happens at import time.
 
-Endpoints: ``GET /`` (service info; the demo page for browsers), ``/demo``, ``/health`` (liveness),
-``/ready`` (the model is loaded and answers), ``/metrics`` (Prometheus), ``/model/info`` and
-``POST /predict``. Every client error is a 4xx JSON ``{"error", "request_id"}``: 400 bad parameters,
-401 missing API key, 413 too large, 415 not an image, 422 undecodable image. A backend failure is never
-a bare 500: 502 the model server broke its contract, 503 (with ``Retry-After``) backend down or
-overloaded, 504 backend timeout.
+Endpoints: ``GET /`` (service info; the demo page for browsers), ``/demo``, ``/docs`` (this API's
+documentation), ``/openapi.json`` (its OpenAPI 3 document, serving/openapi.py: keep it in step),
+``/health`` (liveness), ``/ready`` (the model is loaded and answers), ``/metrics`` (Prometheus),
+``/model/info`` and ``POST /predict``. Every client error is a 4xx JSON ``{"error", "code",
+"request_id"}``: 400 bad parameters, 401 missing API key, 413 too large, 415 not an image, 422
+undecodable image. A backend failure is never a bare 500: 502 the model server broke its contract,
+503 (with ``Retry-After``) backend down or overloaded, 504 backend timeout. A multi-image
+``/predict`` answers per image: each result is a caption or that image's error, 200 while any image
+was captioned.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from captioner.serving.backends import (
     snapshot_of,
 )
 from captioner.serving.metrics import GatewayMetrics
+from captioner.serving.openapi import build_openapi
 from captioner.serving.settings import Settings
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from captioner import constants as C
 from captioner.data.images import load_image
 from captioner.errors import ImageError, ImageTooLarge, ImageUnsupported
 
@@ -105,7 +110,12 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         from flask_cors import CORS
 
         CORS(app, origins=list(settings.cors_origins), expose_headers=["X-Request-ID"])
-    demo_html = resources.files("captioner.serving").joinpath("static/demo.html").read_text(encoding="utf-8")
+    static = resources.files("captioner.serving").joinpath("static")
+    demo_html = static.joinpath("demo.html").read_text(encoding="utf-8").replace(
+        "{{MAX_BEAM_SIZE}}", str(settings.max_beam_size)).replace(
+        "{{DEFAULT_BEAM_SIZE}}", str(settings.default_beam_size))
+    docs_html = static.joinpath("docs.html").read_text(encoding="utf-8")
+    openapi_document = build_openapi(settings)
 
     @app.before_request
     def start():
@@ -140,10 +150,10 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     def done(_exc):
         metrics.in_flight.dec()
 
-    def _error(status: int, message: str, kind: str, retry_after: int | None = None):
+    def _error(status: int, message: str, kind: str, retry_after: int | None = None, **extra: Any):
         metrics.errors.labels(kind).inc()
         headers = {"Retry-After": str(max(1, int(retry_after)))} if retry_after is not None else {}
-        return jsonify({"error": message, "request_id": g.get("request_id")}), status, headers
+        return jsonify({"error": message, "code": kind, "request_id": g.get("request_id"), **extra}), status, headers
 
     @app.errorhandler(ClientError)
     def client_error(exc: ClientError):
@@ -203,12 +213,20 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
                 "application/json"]:
             return Response(demo_html, mimetype="text/html")
         return jsonify({"service": "captioner gateway", "backend": settings.backend,
-                        "model_name": settings.model_name,
-                        "endpoints": ["/", "/demo", "/health", "/ready", "/metrics", "/model/info", "/predict"]})
+                        "model_name": settings.model_name, "docs": "/docs", "openapi": "/openapi.json",
+                        "endpoints": list(openapi_document["paths"])})
 
     @app.get("/demo")
     def demo():
         return Response(demo_html, mimetype="text/html")
+
+    @app.get("/docs")
+    def docs():
+        return Response(docs_html, mimetype="text/html")
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document)
 
     @app.get("/health")
     def health():
@@ -235,7 +253,9 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         if str(version).isdigit():
             metrics.model_version.labels(settings.model_name).set(int(version))
 
-    def _images() -> list[tuple[str, bytes]]:
+    def _images() -> list[tuple[str, bytes | ClientError]]:
+        """The request's images, in order: each one's bytes, or the error that makes it unusable (bad
+        base64), so that one bad image does not cost the others their captions."""
         if request.mimetype == "multipart/form-data":
             files = request.files.getlist("file") + request.files.getlist("files")
             if not files:
@@ -248,15 +268,15 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
             items = body.get("images", [body["image"]] if "image" in body else None)
             if not isinstance(items, list) or not items:
                 raise ClientError(400, "JSON body needs 'image' (base64) or 'images' (a list)", "bad_parameter")
-            out = []
+            out: list[tuple[str, bytes | ClientError]] = []
             for i, item in enumerate(items):
                 if not isinstance(item, str):
                     raise ClientError(400, f"images[{i}] must be a base64 string", "bad_parameter")
                 try:
-                    data = base64.b64decode(item.split(",", 1)[-1] if item.startswith("data:") else item,
-                                            validate=True)
+                    data: bytes | ClientError = base64.b64decode(
+                        item.split(",", 1)[-1] if item.startswith("data:") else item, validate=True)
                 except (binascii.Error, ValueError):
-                    raise ClientError(400, f"images[{i}] is not valid base64", "bad_parameter") from None
+                    data = ClientError(400, f"images[{i}] is not valid base64", "bad_base64")
                 out.append((f"images[{i}]", data))
             return out
         raise ClientError(415, f"unsupported Content-Type {request.mimetype or 'none'!r}: send multipart/form-data "
@@ -271,10 +291,12 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         algorithm = str(source.get("algorithm", "beam")).lower()
         if algorithm not in ("greedy", "beam"):
             raise ClientError(400, f"algorithm must be greedy or beam, got {algorithm!r}", "bad_parameter")
-        beam_size = _int(source.get("beam_size", settings.default_beam_size), "beam_size", 1, settings.max_beam_size)
+        beam_size = _int(source.get("beam_size", settings.default_beam_size), "beam_size", C.MIN_BEAM_SIZE,
+                         settings.max_beam_size)
         if algorithm == "greedy":
             beam_size = 1
-        max_length = _int(source.get("max_length", model_max_length), "max_length", 2, settings.max_caption_length)
+        max_length = _int(source.get("max_length", min(model_max_length, settings.max_caption_length)),
+                          "max_length", C.MIN_CAPTION_LENGTH, settings.max_caption_length)
         attention = _bool(source.get("return_attention", False), "return_attention")
         return algorithm, DecodeRequest(beam_size, max_length, None, attention, g.request_id)
 
@@ -293,36 +315,70 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
             raise ClientError(400, f"max_length must be at most {model.max_decode_length} for model version "
                               f"{model.version} (its decode state size), got {decode.max_length}", "bad_parameter")
         size = model.image_size
-        pixels = []
+        # Each image is loaded on its own: a bad one becomes an error in its result, the good ones
+        # are still captioned (together, in one batch).
+        loaded: list[np.ndarray | ClientError] = []
         for name, data in images:
-            try:
-                pixels.append(load_image(data, size, max_pixels=settings.max_pixels, label=name))
-            except ImageTooLarge as exc:
-                raise ClientError(413, str(exc), "image_too_large") from None
-            except ImageUnsupported as exc:
-                raise ClientError(415, str(exc), "unsupported_image") from None
-            except ImageError as exc:
-                raise ClientError(422, str(exc), "undecodable_image") from None
+            loaded.append(data if isinstance(data, ClientError) else _load(name, data, size))
+        good = [i for i, item in enumerate(loaded) if not isinstance(item, ClientError)]
+        failures = {i: item for i, item in enumerate(loaded) if isinstance(item, ClientError)}
+        if not good:
+            return _all_failed(images, failures)
+        for failure in failures.values():
+            metrics.errors.labels(failure.kind).inc()
         prepared = time.perf_counter()
-        results = model.caption(np.stack(pixels), decode)
+        results = iter(model.caption(np.stack([loaded[i] for i in good]), decode))
         version = model.version  # after caption: the version that decoded
         g.model_version = version
         _record_version(version)
         done = time.perf_counter()
-        items = []
         side = int(round(float(model.metadata.get("num_regions", 49)) ** 0.5))
-        for (name, _), result in zip(images, results, strict=True):
-            item = {"image": name, **result.to_dict(with_attention=decode.with_attention)}
+        items = []
+        for i, (name, _) in enumerate(images):
+            if i in failures:
+                items.append({"image": name, "error": _failure(failures[i])})
+                continue
+            item = {"image": name, **next(results).to_dict(with_attention=decode.with_attention)}
             if decode.with_attention:
                 item["attention_grid"] = [side, side]
             items.append(item)
-        body = {"request_id": g.request_id, "model": {"name": settings.model_name, "version": version},
-                "algorithm": algorithm, "beam_size": decode.beam_size, "max_length": decode.max_length,
-                **{k: v for k, v in items[0].items() if k != "image"},
-                "results": items,
-                "timing_ms": {"preprocess": round((prepared - started) * 1000, 2),
-                              "inference": round((done - prepared) * 1000, 2),
-                              "total": round((done - started) * 1000, 2)}}
+        body: dict[str, Any] = {
+            "request_id": g.request_id, "model": {"name": settings.model_name, "version": version},
+            "algorithm": algorithm, "beam_size": decode.beam_size, "max_length": decode.max_length}
+        if len(images) == 1:
+            # One image: its caption fields also at the top level, as before multi-image requests
+            # existed. With several, only `results` holds captions: a top-level one would be ambiguous.
+            body.update({k: v for k, v in items[0].items() if k != "image"})
+        elif decode.with_attention:
+            body["attention_grid"] = [side, side]
+        body.update({"results": items, "captioned": len(good), "failed": len(failures),
+                     "timing_ms": {"preprocess": round((prepared - started) * 1000, 2),
+                                   "inference": round((done - prepared) * 1000, 2),
+                                   "total": round((done - started) * 1000, 2)}})
         return jsonify(body)
+
+    def _load(name: str, data: bytes, size: int) -> np.ndarray | ClientError:
+        try:
+            return load_image(data, size, max_pixels=settings.max_pixels, label=name)
+        except ImageTooLarge as exc:
+            return ClientError(413, str(exc), "image_too_large")
+        except ImageUnsupported as exc:
+            return ClientError(415, str(exc), "unsupported_image")
+        except ImageError as exc:
+            return ClientError(422, str(exc), "undecodable_image")
+
+    def _failure(exc: ClientError) -> dict[str, Any]:
+        return {"code": exc.kind, "status": exc.status, "message": str(exc)}
+
+    def _all_failed(images: list, failures: dict[int, ClientError]):
+        """No image could be captioned: the error status of the images (422 when they differ), the
+        first one's message, and every image's error in `results`."""
+        statuses = {exc.status for exc in failures.values()}
+        first = failures[0]
+        status = first.status if len(statuses) == 1 else 422
+        message = str(first) if len(images) == 1 else f"no image could be captioned; first: {first}"
+        kind = first.kind if len(statuses) == 1 else "no_image_captioned"
+        results = [{"image": name, "error": _failure(failures[i])} for i, (name, _) in enumerate(images)]
+        return _error(status, message, kind, results=results)
 
     return app

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from captioner import constants as C
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -25,8 +27,9 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_images: int = 8                    # per request
-    max_beam_size: int = 10
-    max_caption_length: int = 40
+    # May lower, never raise, the limits shared with the CLI (captioner.constants).
+    max_beam_size: int = C.MAX_BEAM_SIZE
+    max_caption_length: int = C.MAX_CAPTION_LENGTH
     default_beam_size: int = 3
     cors_origins: tuple[str, ...] = ()
     api_key: str = ""                      # when set, /predict and /model/info need X-API-Key (comma-separated:
@@ -56,9 +59,16 @@ class Settings:
         settings = cls(**values)
         if settings.backend not in ("local", "tfserving"):
             raise ValueError(f"CAPTIONER_BACKEND={settings.backend!r}: expected local or tfserving")
-        for name in ("header_timeout_seconds", "client_timeout_seconds", "max_connections"):
+        for name in ("header_timeout_seconds", "client_timeout_seconds", "max_connections", "max_images"):
             if getattr(settings, name) <= 0:  # 0 would cut every connection or accept none
                 raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be positive")
+        limits = (("max_beam_size", C.MIN_BEAM_SIZE, C.MAX_BEAM_SIZE),
+                  ("max_caption_length", C.MIN_CAPTION_LENGTH, C.MAX_CAPTION_LENGTH),
+                  ("default_beam_size", C.MIN_BEAM_SIZE, settings.max_beam_size))
+        for name, low, high in limits:
+            if not low <= getattr(settings, name) <= high:
+                raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be between "
+                                 f"{low} and {high}")
         return settings
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from captioner import constants as C
 from captioner.errors import CaptionerError
 from captioner.io_utils import read_json_dict
 
@@ -76,8 +77,10 @@ Example:
   captioner caption --model models photo.jpg other.png
   captioner caption --model runs/f8k --beam-size 5 --json photos/""")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help=MODEL_HELP)
-@click.option("--beam-size", type=click.IntRange(1, 20), default=None, help="1 = greedy; default: the model's.")
-@click.option("--max-length", type=click.IntRange(2, 100), default=None)
+@click.option("--beam-size", type=click.IntRange(C.MIN_BEAM_SIZE, C.MAX_BEAM_SIZE), default=None,
+              help="1 = greedy; default: the model's.")
+@click.option("--max-length", type=click.IntRange(C.MIN_CAPTION_LENGTH, C.MAX_CAPTION_LENGTH), default=None,
+              help="Longest caption in tokens; default: the model's (at most its export.max_decode_length).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (with n-best and scores).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 def caption(model_dir: Path, beam_size: int | None, max_length: int | None, as_json: bool,

@@ -55,3 +55,13 @@ METADATA_JSON = "metadata.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 FEATURES_INDEX = "index.json"
 COMPLETE_MARKER = "_COMPLETE"
+
+# Decoding limits a caller may ask for, shared by `captioner caption` and the gateway so both accept
+# the same values. Beam search cost grows with the beam and captions stop improving well before 10.
+# The longest caption is bounded by the export's fixed-size decode state (export.max_decode_length,
+# default 40): asking a default export for more would only fail inside the graph, so the shared cap
+# is that default; a model exported with a smaller state refuses longer requests with a clear error.
+MIN_BEAM_SIZE = 1
+MAX_BEAM_SIZE = 10
+MIN_CAPTION_LENGTH = 2
+MAX_CAPTION_LENGTH = 40

@@ -37,7 +37,14 @@ def test_upload_shows_caption_beams_and_attention(live_gateway, test_images, tmp
         try:
             page = browser.new_page()
             page.goto(live_gateway + "/", wait_until="load")  # a browser asks for text/html: the demo
+            # What is served shows before any caption.
+            page.wait_for_function("document.getElementById('model').textContent.includes('v1')", timeout=10_000)
+            assert "patches" in page.text_content("#model")
+            assert page.locator("#preview").is_hidden()
             page.set_input_files("#file", str(image))
+            # The chosen image shows before it is captioned.
+            page.wait_for_function("document.getElementById('preview').naturalWidth === 300", timeout=10_000)
+            assert page.locator("#preview").is_visible()
             page.fill("#beam_size", "2")
             page.click("#submit")
             page.wait_for_selector("#result:not([hidden])", timeout=30_000)
@@ -53,6 +60,14 @@ def test_upload_shows_caption_beams_and_attention(live_gateway, test_images, tmp
             page.click("#submit")
             page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10_000)
             assert page.text_content("#error").startswith("415")
+            # The error replaces the previous result; it is not shown under a stale caption.
+            assert page.locator("#result").is_hidden() and page.text_content("#caption") == ""
+            assert page.locator("#beams tbody tr").count() == 0
+
+            page.click("a[href=docs]")
+            page.wait_for_selector("section#predict", timeout=10_000)
+            assert "multipart/form-data" in page.text_content("section#predict")
+            assert page.text_content("#error") == ""
         finally:
             browser.close()
     assert (tmp_path / "demo.png").stat().st_size > 5000

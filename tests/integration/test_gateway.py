@@ -84,6 +84,82 @@ def test_gateway_equals_library_and_serving_default(client, smoke_run, test_imag
     assert gateway == library == in_graph
 
 
+def test_multi_image_predict_answers_per_image(client, test_images):
+    """One bad image among good ones: the good ones are captioned, each bad one carries its error."""
+    good = [jpeg(p) for p in test_images[:2]]
+    images = [base64.b64encode(good[0]).decode(), base64.b64encode(b"hello, world").decode(),
+              base64.b64encode(good[1][:200]).decode(), "***", base64.b64encode(good[1]).decode()]
+    response = client.post("/predict", json={"images": images, "beam_size": 2})
+    body = response.json
+    assert response.status_code == 200, body
+    assert "caption" not in body and "nbest" not in body  # several images: no ambiguous top-level caption
+    assert body["captioned"] == 2 and body["failed"] == 3
+    results = body["results"]
+    assert [r["image"] for r in results] == [f"images[{i}]" for i in range(5)]
+    alone = [post_file(client, data, beam_size="2").json for data in good]
+    assert results[0]["caption"] == alone[0]["caption"] and results[4]["caption"] == alone[1]["caption"]
+    assert results[4]["nbest"] == alone[1]["nbest"]
+    assert [(r["error"]["code"], r["error"]["status"]) for r in results[1:4]] == [
+        ("unsupported_image", 415), ("undecodable_image", 422), ("bad_base64", 400)]
+    assert all("caption" not in r for r in results[1:4])
+    assert "images[3]" in results[3]["error"]["message"]
+
+    files = {"file": [(io.BytesIO(good[0]), "good.jpg"), (io.BytesIO(b"not an image"), "notes.txt")]}
+    body = client.post("/predict", data=files, content_type="multipart/form-data").json
+    assert [r["image"] for r in body["results"]] == ["good.jpg", "notes.txt"]
+    assert body["results"][0]["caption"] and body["results"][1]["error"]["code"] == "unsupported_image"
+
+
+def test_single_image_predict_keeps_its_top_level_caption(client, test_images):
+    body = post_file(client, jpeg(test_images[0]), beam_size="2").json
+    assert body["captioned"] == 1 and body["failed"] == 0 and len(body["results"]) == 1
+    only = body["results"][0]
+    assert {k: body[k] for k in ("caption", "score", "finished", "nbest")} == {
+        k: only[k] for k in ("caption", "score", "finished", "nbest")}
+
+
+def test_no_image_captioned_is_an_error_naming_each_image(client, test_images):
+    broken = jpeg(test_images[0])[:200]
+    same = client.post("/predict", data={"file": [(io.BytesIO(b"a"), "a.txt"), (io.BytesIO(b"b"), "b.txt")]},
+                       content_type="multipart/form-data")
+    assert same.status_code == 415 and same.json["code"] == "unsupported_image"
+    assert [r["image"] for r in same.json["results"]] == ["a.txt", "b.txt"]
+    mixed = client.post("/predict", data={"file": [(io.BytesIO(b"a"), "a.txt"), (io.BytesIO(broken), "b.jpg")]},
+                        content_type="multipart/form-data")
+    assert mixed.status_code == 422 and mixed.json["code"] == "no_image_captioned"
+    assert [r["error"]["status"] for r in mixed.json["results"]] == [415, 422]
+    single = post_file(client, b"hello", name="notes.txt")
+    assert single.status_code == 415 and single.json["code"] == "unsupported_image"
+    assert "notes.txt" in single.json["error"] or single.json["results"][0]["image"] == "notes.txt"
+
+
+def test_cli_and_gateway_share_the_decoding_limits(client, smoke_run, test_images):
+    from click.testing import CliRunner
+
+    from captioner import constants as C
+    from captioner.cli import cli
+
+    out, _ = smoke_run
+    image = jpeg(test_images[0])
+    for option, low, high in (("beam_size", C.MIN_BEAM_SIZE, C.MAX_BEAM_SIZE),
+                              ("max_length", C.MIN_CAPTION_LENGTH, C.MAX_CAPTION_LENGTH)):
+        for value in (low - 1, high + 1):
+            result = CliRunner().invoke(cli, ["caption", "--model", str(out / "saved_model"),
+                                              "--" + option.replace("_", "-"), str(value), str(test_images[0])])
+            assert result.exit_code == 2 and f"{low}<=x<={high}" in result.output, result.output
+            response = post_file(client, image, **{option: str(value)})
+            assert response.status_code == 400 and f"between {low} and {high}" in response.json["error"]
+    top = {"beam_size": str(C.MAX_BEAM_SIZE), "max_length": str(C.MAX_CAPTION_LENGTH)}
+    assert post_file(client, image, **top).status_code == 200
+    result = CliRunner().invoke(cli, ["caption", "--model", str(out / "saved_model"), "--beam-size", top["beam_size"],
+                                      "--max-length", top["max_length"], str(test_images[0])])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ValueError, match="MAX_BEAM_SIZE"):
+        Settings.from_env({"CAPTIONER_MAX_BEAM_SIZE": str(C.MAX_BEAM_SIZE + 1)})
+    with pytest.raises(ValueError, match="MAX_CAPTION_LENGTH"):
+        Settings.from_env({"CAPTIONER_MAX_CAPTION_LENGTH": str(C.MAX_CAPTION_LENGTH + 1)})
+
+
 @pytest.mark.parametrize("kwargs, status, words", [
     ({"algorithm": "sideways"}, 400, "algorithm"),
     ({"beam_size": "0"}, 400, "beam_size"),
