@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import json
+import logging
 import os
+import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import click
@@ -23,15 +30,100 @@ def _config(name: str, overrides: tuple[str, ...]):
     return load_config(name, overrides)
 
 
+#: What TensorFlow's C++ side prints while it loads, whatever TF_CPP_MIN_LOG_LEVEL says: absl's notice
+#: that logging is not initialised, and absl-style (``I0000 00:00:...  123 port.cc:153] ...``) or older
+#: (``2026-01-01 00:00:00.000: I tensorflow/...``) log lines below FATAL (oneDNN, CUDA, cuInit, AVX).
+_TF_LOAD_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\s*$"
+    r"|[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] "
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_load_noise():
+    """Run the body with file descriptor 2 captured, then write back all but ``_TF_LOAD_NOISE`` lines.
+
+    At the descriptor because the lines come from C++ (Python's ``sys.stderr`` never sees them). A
+    temporary file, not a pipe, so that a long output cannot block the writer.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to protect
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _TF_LOAD_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the first ``import tensorflow`` (wherever it happens: Keras, the library, a gunicorn worker
+    forked from this process) inside :func:`_without_load_noise`, and leaves every other import alone."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow" or self.done:
+            return None
+        self.done = True  # also keeps the lookup below from landing here again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        load = spec.loader.exec_module  # this spec's own loader object: patching it touches nothing else
+
+        def exec_module(module) -> None:
+            with _without_load_noise():
+                load(module)
+            # absl's Python logger exists only now (TensorFlow imports it); creating it earlier would
+            # keep absl from installing its own logger class.
+            logging.getLogger("absl").setLevel(logging.ERROR)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
 def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Keep TensorFlow's and Keras' start-up chatter off the terminal; ``captioner --verbose`` skips this.
+
+    It has to run before TensorFlow is first imported: the C++ side reads TF_CPP_MIN_LOG_LEVEL once,
+    when it loads, and what it prints while loading ignores that level, so the first import runs with
+    stderr filtered. Nothing here imports TensorFlow, so commands that never need it stay fast. A level
+    the user set in the environment is kept.
+    """
+    # 3 also hides the ERROR-level lines printed later, on first use: "failed call to cuInit" on a
+    # machine without a GPU, and oneDNN's "supports DT_UINT8 only on platforms with AVX-512".
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # Keras and TensorFlow warn about their own internals, e.g. "Your input ran out of data;
+    # interrupting training" at the end of every epoch of a finite data set, which reads like a bug.
+    warnings.filterwarnings("ignore", module=r"(keras|tensorflow|tf_keras|absl)(\.|$)")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="captioner")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, envvar="CAPTIONER_VERBOSE",
+              help="Show TensorFlow's and Keras' own logs and warnings (hidden by default). "
+                   "Also CAPTIONER_VERBOSE=1.")
+def cli(verbose: bool) -> None:
     """Train, evaluate, export and run attention-based image-captioning models."""
-    _quiet_tensorflow()
+    if not verbose:
+        _quiet_tensorflow()
 
 
 @cli.command(epilog="""\b
@@ -549,6 +641,78 @@ def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
 
 
 # -- serve -----------------------------------------------------------------------------------------
+def _check_model_source(settings) -> list[str]:
+    """Why a local gateway would start with nothing to serve, as warnings naming the path and what is
+    missing there (empty when a model is in place). The gateway still starts: it keeps polling, so a
+    version published later is picked up, but until then /predict answers 503."""
+    from captioner.registry import ModelRepository
+
+    if settings.backend != "local":
+        return []
+    if settings.model_dir:
+        folder = Path(settings.model_dir).resolve()
+        if not folder.is_dir():
+            return [f"--model-dir {folder} does not exist"]
+        if not (folder / "saved_model.pb").is_file():
+            return [f"--model-dir {folder} is not a SavedModel folder (no saved_model.pb in it)"]
+        return []
+    if "://" in settings.model_repo:  # listing a bucket here would delay the start; /ready tells
+        return []
+    root = Path(settings.model_repo).resolve()
+    later = (f"/predict answers 503 until a version is published there (`captioner pipeline run --local "
+             f"--model-repo {settings.model_repo}`, or `make demo`)")
+    if not root.is_dir():
+        return [f"model repository {root} does not exist: {later}"]
+    try:
+        repo = ModelRepository(str(root))
+        if repo.versions(settings.model_name):
+            return []
+        others = [name for name in repo.models() if name != settings.model_name]
+    except (CaptionerError, OSError, ValueError) as exc:
+        return [f"model repository {root} cannot be read: {exc}"]
+    expected = root / settings.model_name / "<version>" / "saved_model.pb"
+    found = f"; it holds {', '.join(repr(n) for n in others)} (--model-name)" if others else ""
+    return [f"model repository {root} has no version of {settings.model_name!r} (looked for {expected}){found}: "
+            f"{later}"]
+
+
+def _listen(host: str, port: int):
+    """A socket listening on ``host:port``, bound here so that a port in use is a clear error before
+    anything starts, and ``--port 0`` has its real port before it is announced."""
+    import errno
+    import socket
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise CaptionerError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does: restarts reuse the port
+    try:
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CaptionerError(f"port {port} on {host} is already in use (another gateway?): choose another "
+                                 "--port, or --port 0 for a free one") from None
+        raise CaptionerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
+
+
+def _gateway_url(listener) -> str:
+    """The URL a browser on this machine opens for ``listener`` (an any-address bind is reached locally)."""
+    import socket
+
+    host, port = listener.getsockname()[:2]
+    if listener.family == socket.AF_INET6:
+        host = "[::1]" if host == "::" else f"[{host}]"
+    elif host == "0.0.0.0":
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
 @cli.command()
 @click.option("--model-repo", default=None, help="Model repository to serve from (local backend; default: models).")
 @click.option("--model-dir", default=None, help="Serve this SavedModel folder instead of a repository.")
@@ -556,8 +720,10 @@ def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
 @click.option("--backend", type=click.Choice(["local", "tfserving"]), default=None,
               help="local: in-process SavedModel (default); tfserving: TensorFlow Serving over gRPC.")
 @click.option("--tfserving-target", default=None, help="host:port of TF Serving's gRPC API (default localhost:8500).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="TCP port; 0 picks a free one (the address is printed once listening).")
 @click.option("--workers", type=int, default=1, show_default=True, help="gunicorn worker processes.")
 @click.option("--threads", type=int, default=4, show_default=True, help="Threads per worker.")
 def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, port, workers, threads) -> None:
@@ -566,16 +732,25 @@ def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, po
     gunicorn worker processes whose connections waitress reads: a request is handed to one of the
     THREADS only once it is complete, so slow or stalled clients never hold a thread.
     Settings not given as flags come from CAPTIONER_* environment variables (see README).
+    Warns at start when there is no model to serve; a port in use is an error.
     """
-    import tempfile
+    import socket
 
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.sock import TCP6Socket, TCPSocket
 
     from captioner.serving.server import worker_class
     from captioner.serving.settings import Settings
 
     settings = Settings.from_env(model_repo=model_repo, model_dir=model_dir, model_name=model_name,
                                  backend=backend, tfserving_target=tfserving_target)
+    for warning in _check_model_source(settings):
+        click.echo(f"warning: {warning}", err=True)
+    listener = _listen(host, port)
+    url = _gateway_url(listener)
+    bound_host, bound_port = listener.getsockname()[:2]
+    bind = f"[{bound_host}]:{bound_port}" if listener.family == socket.AF_INET6 else f"{bound_host}:{bound_port}"
     if workers > 1:
         # Prometheus samples of all workers are aggregated through this folder.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-prometheus-"))
@@ -586,6 +761,10 @@ def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, po
 
             multiprocess.mark_process_dead(worker.pid)  # drop a dead worker's live gauges
 
+    def _when_ready(server):
+        click.echo(f"serving {settings.model_name} ({settings.backend}) at {url}/  demo page: {url}/demo  "
+                   f"(listening on {bind}; /ready says when the model is loaded)")
+
     class Gateway(BaseApplication):
         def load_config(self):
             # Bodies up to twice the upload limit are read in full, so that the app's 413 reaches a
@@ -595,9 +774,12 @@ def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, po
                                   client_timeout=settings.client_timeout_seconds,
                                   max_body_bytes=2 * settings.max_upload_bytes,
                                   max_connections=settings.max_connections)
-            for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+            for key, value in {"bind": bind, "workers": workers, "threads": threads,
                                "worker_class": worker, "timeout": 120, "accesslog": None,
-                               "graceful_timeout": 30, "child_exit": _child_exit}.items():
+                               "graceful_timeout": 30, "child_exit": _child_exit, "when_ready": _when_ready,
+                               # gunicorn's control socket is one path per user (~/.gunicorn): a second
+                               # gateway would take it over; nothing here uses it.
+                               "control_socket_disable": True}.items():
                 self.cfg.set(key, value)
 
         def load(self):
@@ -608,7 +790,14 @@ def serve(model_repo, model_dir, model_name, backend, tfserving_target, host, po
 
             return create_app(settings)
 
-    click.echo(f"serving {settings.model_name} ({settings.backend}) on http://{host}:{port}/  demo: /demo")
+        def run(self):
+            # gunicorn serves the socket bound above instead of binding its own (it would retry a
+            # port in use for seconds, then exit with a log line).
+            arbiter = Arbiter(self)
+            socket_type = TCP6Socket if listener.family == socket.AF_INET6 else TCPSocket
+            arbiter.LISTENERS = [socket_type(bind, self.cfg, arbiter.log, fd=listener.detach())]
+            arbiter.run()
+
     Gateway().run()
 
 
