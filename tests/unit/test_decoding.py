@@ -11,12 +11,13 @@ from captioner.model.decoding import beam_search, decode, greedy_search
 pytestmark = pytest.mark.unit
 
 # A Markov "model": the next-token distribution depends on the last token only.
-# Greedy takes 3 (0.5) then <end> (0.4) = 0.20; the better caption is 4 (0.4) then <end> (0.9) = 0.36.
-TABLE = np.full((6, 6), 1e-9)
-TABLE[1, [3, 4, 2]] = [0.5, 0.4, 0.1]
-TABLE[3, [5, 4, 2]] = [0.3, 0.3, 0.4]
-TABLE[4, [2, 5]] = [0.9, 0.1]
-TABLE[5, [2]] = [1.0]
+# Words are ids 4.. (0-3 are <pad>, <start>, <end>, <unk>: never generated, <end> not first).
+# Greedy takes 4 (0.5) then <end> (0.4) = 0.20; the better caption is 5 (0.4) then <end> (0.9) = 0.36.
+TABLE = np.full((7, 7), 1e-9)
+TABLE[1, [4, 5, 2]] = [0.5, 0.4, 0.1]
+TABLE[4, [6, 5, 2]] = [0.3, 0.3, 0.4]
+TABLE[5, [2, 6]] = [0.9, 0.1]
+TABLE[6, [2]] = [1.0]
 LOG = tf.constant(np.log(TABLE / TABLE.sum(1, keepdims=True)), tf.float32)
 
 
@@ -29,22 +30,22 @@ def markov_step(tokens, state, t=None):
 def test_beam_finds_the_better_caption_greedy_misses():
     state = tf.zeros([2, 1])
     greedy = greedy_search(markov_step, state[:1], 1, 10, 4)
-    assert greedy["tokens"].numpy().tolist() == [[3, 2]]
+    assert greedy["tokens"].numpy().tolist() == [[4, 2]]
     assert greedy["scores"].numpy()[0] == pytest.approx(math.log(0.2), abs=1e-4)
     beam = beam_search(markov_step, state, 1, 2, 10, 4, length_penalty=0.0)
-    assert beam["tokens"].numpy()[0, 0].tolist() == [4, 2]
+    assert beam["tokens"].numpy()[0, 0].tolist() == [5, 2]
     assert beam["scores"].numpy()[0].tolist() == pytest.approx([math.log(0.36), math.log(0.2)], abs=1e-4)
     assert beam["attention"].shape == (1, 2, 2, 4)
 
 
 def test_beam_runs_in_graph_mode_too():
     run = tf.function(lambda s: beam_search(markov_step, s, 1, 2, 10, 4, length_penalty=0.0))
-    assert run(tf.zeros([2, 1]))["tokens"].numpy()[0, 0].tolist() == [4, 2]
+    assert run(tf.zeros([2, 1]))["tokens"].numpy()[0, 0].tolist() == [5, 2]
 
 
 def test_max_length_cuts_unfinished_captions():
     out = greedy_search(markov_step, tf.zeros([1, 1]), 1, 1, 4)
-    assert out["tokens"].numpy().tolist() == [[3]] and out["lengths"].numpy().tolist() == [1]
+    assert out["tokens"].numpy().tolist() == [[4]] and out["lengths"].numpy().tolist() == [1]
     assert out["finished"].numpy().tolist() == [False]
     assert greedy_search(markov_step, tf.zeros([1, 1]), 1, 10, 4)["finished"].numpy().tolist() == [True]
 
@@ -52,8 +53,8 @@ def test_max_length_cuts_unfinished_captions():
 # Toy tables for beam search: next-token probabilities given the last token; any pair not listed
 # gets 1e-9. The state is each row's table index, so one batch can hold images with different tables.
 PAD, START, END = 0, 1, 2
-A, B, C, D, E, F, G, H, L, M, N, S, X, Y, Z = range(3, 18)
-VOCAB = 18
+A, B, C, D, E, F, G, H, L, M, N, S, X, Y, Z = range(4, 19)  # after <unk> (3)
+VOCAB = 19
 
 
 def table(rows):
@@ -181,7 +182,7 @@ def test_beam_search_in_graph_mode_equals_eager():
 def test_results_carry_only_finished_captions_and_mark_unfinished_ones():
     from captioner.predictor import results_from_decode
 
-    vocab = ["<pad>", "<start>", "<end>", *"abcdefghlmnsxyz"]
+    vocab = ["<pad>", "<start>", "<end>", "<unk>", *"abcdefghlmnsxyz"]
     loop, no_end = results_from_decode(beams([LOOP_ID, NO_END_ID], max_length=5), vocab, with_attention=True)
     # The loop image: one caption finished, so the unfinished runner-up is not in the n-best list.
     assert (loop.caption, loop.finished, [c for c, _ in loop.nbest]) == ("a", True, ["a"])
@@ -256,11 +257,11 @@ def test_mixed_precision_model_decodes_in_float32():
 
 
 # Randomised check against exhaustive search: 3 words and <end> after the special ids the search masks
-# (<pad> and <start> never generated, <end> not first). With max_length 4 there are 3 + 9 + 27 = 39
+# (<pad>, <start> and <unk> never generated, <end> not first). With max_length 4 there are 3 + 9 + 27 = 39
 # finished captions; a beam of 64 is exact: at the last step its best 2k = 128 candidates hold all
 # 27 x 4 continuations and endings, and no earlier step has more than 27 live prefixes to keep.
-RANDOM_WORDS = (3, 4, 5)  # captioner.constants: PAD, START, END, UNK = 0..3; UNK is a word like any other
-RANDOM_VOCAB, RANDOM_MAX_LENGTH, RANDOM_BEAM = 6, 4, 64
+RANDOM_WORDS = (4, 5, 6)  # captioner.constants: PAD, START, END, UNK = 0..3, none of them a word
+RANDOM_VOCAB, RANDOM_MAX_LENGTH, RANDOM_BEAM = 7, 4, 64
 
 
 def random_markov_tables(count: int, seed: int) -> np.ndarray:
@@ -322,3 +323,29 @@ def test_beam_search_equals_exhaustive_search_on_random_tables(alpha):
         assert out["finished"][b, :n].all() and not out["finished"][b, n:].any(), b
         assert {tuple(caption(out, b, k)) for k in range(n)} == set(exhaustive), b
         np.testing.assert_allclose(out["scores"][b, :n], ranked, atol=1e-4)
+
+
+def test_unknown_token_is_never_generated():
+    """<unk> is the likeliest first token here, and after the first word; neither search emits it, and
+    greedy's score compares with beam's (both length-normalised)."""
+    from captioner.constants import UNK_ID
+
+    probs = np.full((7, 7), 1e-9)
+    probs[1, [UNK_ID, 4, 5]] = [0.7, 0.2, 0.1]
+    probs[4, [UNK_ID, 2]] = [0.6, 0.4]
+    probs[5, [2]] = [1.0]
+    log = tf.constant(np.log(probs / probs.sum(1, keepdims=True)), tf.float32)
+
+    def step(tokens, state, t=None):
+        return tf.gather(log, tokens), tf.one_hot(tf.zeros_like(tokens), 4), state
+
+    greedy = greedy_search(step, tf.zeros([1, 1]), 1, 10, 4, length_penalty=0.6)
+    assert greedy["tokens"].numpy().tolist() == [[4, 2]]
+    assert greedy["log_probs"].numpy()[0] == pytest.approx(math.log(0.2 * 0.4), abs=1e-4)
+    assert greedy["scores"].numpy()[0] == pytest.approx(math.log(0.2 * 0.4) / ((5 + 2) / 6) ** 0.6, abs=1e-4)
+    beam = beam_search(step, tf.zeros([3, 1]), 1, 3, 10, 4, length_penalty=0.6)
+    assert UNK_ID not in beam["tokens"].numpy().ravel().tolist()
+    # Beam finds "5 <end>" (0.1 against greedy's 0.08); greedy's caption is its runner-up, with the same score.
+    assert beam["tokens"].numpy()[0, :2, :2].tolist() == [[5, 2], [4, 2]]
+    assert beam["scores"].numpy()[0, 0] == pytest.approx(math.log(0.1) / ((5 + 2) / 6) ** 0.6, abs=1e-4)
+    assert beam["scores"].numpy()[0, 1] == pytest.approx(greedy["scores"].numpy()[0], abs=1e-4)

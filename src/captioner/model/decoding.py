@@ -19,13 +19,20 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from captioner.constants import END_ID, PAD_ID, START_ID
+from captioner.constants import END_ID, PAD_ID, START_ID, UNK_ID
 
 StepFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
 NEG_INF = -1e9
 # Scores at or below VALID come from masked tokens or dead beams; EMPTY marks an unfilled pool place.
 VALID = NEG_INF / 2
 EMPTY = 4 * NEG_INF
+NEVER_GENERATED = (PAD_ID, START_ID, UNK_ID)
+
+
+def mask_invalid(log_probs, t):
+    """``log_probs [M, V]`` at position ``t`` with the tokens no decoder may emit set to NEG_INF
+    (for samplers outside this module: SCST draws its captions under the same rule)."""
+    return _mask_invalid(tf.cast(log_probs, tf.float32), t)
 
 
 def length_normalizer(lengths, alpha: float):
@@ -39,18 +46,22 @@ def _state_invariant(state) -> tf.TensorShape:
 
 
 def _mask_invalid(log_probs, t):
-    """<pad> and <start> are never generated, and <end> not at the first position: an empty caption
-    is never the answer (an undertrained model, or beam search's bias to short outputs, would
-    otherwise produce one)."""
+    """<pad>, <start> and <unk> are never generated, and <end> not at the first position: an empty
+    caption is never the answer (an undertrained model, or beam search's bias to short outputs, would
+    otherwise produce one), and a user never reads "<unk>" (the model learns it for every rare word,
+    so on photos unlike the training data it is often the likeliest next token)."""
     vocab = tf.shape(log_probs)[-1]
-    never = tf.reduce_sum(tf.one_hot([PAD_ID, START_ID], vocab, on_value=NEG_INF, off_value=0.0), axis=0)
+    never = tf.reduce_sum(tf.one_hot(list(NEVER_GENERATED), vocab, on_value=NEG_INF, off_value=0.0), axis=0)
     first = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)
     return log_probs + (never + tf.where(tf.equal(t, 0), first, tf.zeros_like(first)))[None]
 
 
-def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regions: int) -> dict:
-    """Returns ``tokens [B, T]`` (ending with <end> or cut at max_length), ``scores [B]``,
-    ``lengths [B]``, ``attention [B, T, N]`` and ``finished [B]`` (False when cut at max_length)."""
+def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regions: int,
+                  length_penalty: float = 0.0) -> dict:
+    """Returns ``tokens [B, T]`` (ending with <end> or cut at max_length), ``scores [B]`` (the log
+    probability divided by the length penalty, as beam search scores are, so that the two compare),
+    ``log_probs [B]`` (raw), ``lengths [B]``, ``attention [B, T, N]`` and ``finished [B]`` (False
+    when cut at max_length)."""
     batch_size = tf.convert_to_tensor(batch_size, tf.int32)
     state = tf.convert_to_tensor(state)
     last = tf.fill([batch_size], START_ID)
@@ -82,7 +93,9 @@ def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regio
                   tf.TensorShape([None]), tf.TensorShape([None]), tf.TensorShape([None]))
     _, _, _, tokens, attention, scores, finished, lengths = tf.while_loop(
         cond, body, loop, shape_invariants=invariants)
-    return {"tokens": tokens, "scores": scores, "lengths": lengths, "attention": attention, "finished": finished}
+    normalised = scores / length_normalizer(tf.maximum(lengths, 1), float(length_penalty))
+    return {"tokens": tokens, "scores": normalised, "log_probs": scores, "lengths": lengths, "attention": attention,
+            "finished": finished}
 
 
 def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: int, num_regions: int,
@@ -238,10 +251,8 @@ def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: fl
     cross = model.cross_memory(memory)
     if beam_size == 1:
         out = greedy_search(lambda tok, st, t: model.step(cross, tok, st, t), model.initial_state(batch, max_length),
-                            batch, max_length, regions)
-        return {"tokens": out["tokens"][:, None], "scores": out["scores"][:, None],
-                "log_probs": out["scores"][:, None], "lengths": out["lengths"][:, None],
-                "attention": out["attention"][:, None], "finished": out["finished"][:, None]}
+                            batch, max_length, regions, length_penalty)
+        return {k: v[:, None] for k, v in out.items()}
     tiled = tile_beams(cross, beam_size)
     return beam_search(lambda tok, st, t: model.step(tiled, tok, st, t),
                        model.initial_state(batch * beam_size, max_length), batch, beam_size, max_length, regions,
