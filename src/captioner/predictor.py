@@ -102,7 +102,7 @@ def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int,
         return step(tiled, tokens, state, tf.fill([tf.shape(tokens)[0]], tf.cast(t, tf.int32)))
 
     if beam_size == 1:
-        out = greedy_search(step_fn, state, batch, max_length, num_regions)
+        out = greedy_search(step_fn, state, batch, max_length, num_regions, length_penalty)
         return {k: v[:, None] for k, v in out.items()}
     return beam_search(step_fn, state, batch, beam_size, max_length, num_regions, length_penalty)
 
