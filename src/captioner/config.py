@@ -102,6 +102,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ScstConfig:
+    """Self-critical sequence training after cross-entropy (``captioner.scst``). It starts from the
+    best cross-entropy checkpoint once cross-entropy stops (``train.early_stopping_patience`` epochs
+    without a better dev score, or ``train.epochs``)."""
+
+    enabled: bool = False
+    # Most SCST epochs; SCST also stops after ``patience`` epochs without a better dev CIDEr-D.
+    epochs: int = 10
+    patience: int = 2
+    learning_rate: float = 2e-5
+    # Captions drawn per image; each one's baseline is the mean reward of the others.
+    samples: int = 5
+    # Images per update (rows per update: batch_images x samples).
+    batch_images: int = 32
+    # Longest sampled caption in tokens (<end> included); 0 = decode.max_length.
+    max_length: int = 0
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20
@@ -137,6 +156,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -167,6 +187,13 @@ class Config:
             (0 <= self.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
             (0 <= self.train.ema_momentum < 1, "train.ema_momentum", "must be in [0, 1)"),
             (self.features.image_size >= 32, "features.image_size", "must be >= 32"),
+            (self.scst.samples >= 2, "scst.samples", "must be >= 2 (the baseline is the other samples' mean)"),
+            (self.scst.epochs >= 0, "scst.epochs", "must be >= 0"),
+            (self.scst.patience >= 1, "scst.patience", "must be >= 1"),
+            (self.scst.batch_images >= 1, "scst.batch_images", "must be >= 1"),
+            (self.scst.learning_rate > 0, "scst.learning_rate", "must be > 0"),
+            (self.scst.max_length == 0 or 2 <= self.scst.max_length <= self.export.max_decode_length,
+             "scst.max_length", f"must be 0 (decode.max_length) or in [2, {self.export.max_decode_length}]"),
             (self.data.format == "synthetic" or self.data.root != "", "data.root",
              "is required unless data.format=synthetic (e.g. --set data.root=../shared/data/flickr8k)"),
         ]

@@ -45,33 +45,68 @@ def attention_overlays(pixels: np.ndarray, attention: np.ndarray, size: int = 11
     return out
 
 
-def loss_curves_svg(rows: Sequence[dict[str, Any]], width: int = 420, height: int = 180) -> str:
-    series = {key: [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), int | float)
-                    and math.isfinite(r[key])] for key in ("train_loss", "val_loss")}
+COLOURS = {"train_loss": "#1f77b4", "val_loss": "#d62728", "dev_bleu4": "#2ca02c", "dev_cider": "#9467bd",
+           "train_reward": "#ff7f0e"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _phase(row: dict[str, Any]) -> str:
+    return "scst" if row.get("phase") == "scst" else "xe"
+
+
+def curves_svg(rows: Sequence[dict[str, Any]], keys: Sequence[str], label: str, width: int = 420,
+               height: int = 180) -> str:
+    """Line chart of ``keys`` over epochs; the SCST epochs, if any, are shaded and labelled."""
+    series = {key: [(r["epoch"], r[key]) for r in rows if _is_number(r.get(key))] for key in keys}
+    series = {k: s for k, s in series.items() if s}
     points = [v for s in series.values() for _, v in s]
     if not points:
-        return "<p>No training history.</p>"
-    epochs = [e for s in series.values() for e, _ in s]
+        return f"<p>No {html.escape(label)} history.</p>"
+    epochs = [r["epoch"] for r in rows if _is_number(r.get("epoch"))]
     lo, hi = min(points), max(points)
     emin, emax = min(epochs), max(epochs)
 
-    def xy(epoch, value):
-        x = 40 + (width - 60) * ((epoch - emin) / ((emax - emin) or 1))
-        y = 10 + (height - 40) * (1 - (value - lo) / ((hi - lo) or 1))
-        return f"{x:.1f},{y:.1f}"
+    def x_of(epoch):
+        return 40 + (width - 60) * ((epoch - emin) / ((emax - emin) or 1))
 
-    colours = {"train_loss": "#1f77b4", "val_loss": "#d62728"}
-    lines = [f'<polyline fill="none" stroke="{colours[k]}" stroke-width="2" '
-             f'points="{" ".join(xy(e, v) for e, v in s)}"/>' for k, s in series.items() if s]
+    def xy(epoch, value):
+        return f"{x_of(epoch):.1f},{10 + (height - 40) * (1 - (value - lo) / ((hi - lo) or 1)):.1f}"
+
+    shading = ""
+    scst = [r["epoch"] for r in rows if _phase(r) == "scst"]
+    if scst:
+        left = x_of(min(scst) - 0.5 if min(scst) > emin else emin)
+        shading = (f'<rect x="{left:.1f}" y="10" width="{x_of(emax) - left + 5:.1f}" height="{height - 40}" '
+                   f'fill="#fff3e0"/><text x="{left + 4:.1f}" y="22" font-size="11" fill="#e65100">SCST</text>'
+                   f'<text x="44" y="22" font-size="11" fill="#555">cross-entropy</text>')
+    lines = [f'<polyline fill="none" stroke="{COLOURS[k]}" stroke-width="2" '
+             f'points="{" ".join(xy(e, v) for e, v in s)}"/>' for k, s in series.items()]
     # Points too, so that a one-epoch run still shows something.
-    lines += [f'<circle r="3" fill="{colours[k]}" cx="{xy(e, v).split(",")[0]}" cy="{xy(e, v).split(",")[1]}"/>'
+    lines += [f'<circle r="3" fill="{COLOURS[k]}" cx="{xy(e, v).split(",")[0]}" cy="{xy(e, v).split(",")[1]}"/>'
               for k, s in series.items() for e, v in s]
-    legend = " ".join(f'<tspan fill="{colours[k]}">{k}</tspan>' for k in series)
+    legend = " ".join(f'<tspan fill="{COLOURS[k]}">{k}</tspan>' for k in series)
     return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
-            f'<rect width="100%" height="100%" fill="white" stroke="#ccc"/>{"".join(lines)}'
+            f'<rect width="100%" height="100%" fill="white" stroke="#ccc"/>{shading}{"".join(lines)}'
             f'<text x="40" y="{height - 8}" font-size="11">epochs {emin}-{emax}; '
-            f'loss {lo:.3f}-{hi:.3f}; {legend}</text>'
+            f'{html.escape(label)} {lo:.3f}-{hi:.3f}; {legend}</text>'
             "</svg>")
+
+
+def loss_curves_svg(rows: Sequence[dict[str, Any]], width: int = 420, height: int = 180) -> str:
+    # SCST's loss is a reward-weighted log-likelihood, not comparable with cross-entropy: not drawn.
+    return curves_svg([r for r in rows if _phase(r) == "xe"], ("train_loss", "val_loss"), "loss", width, height)
+
+
+def training_curves_html(rows: Sequence[dict[str, Any]]) -> str:
+    """Loss (cross-entropy) and dev scores (every epoch, both phases) with the SCST phase marked."""
+    dev = curves_svg(rows, ("dev_bleu4", "dev_cider"), "dev score")
+    parts = [loss_curves_svg(rows), dev]
+    if any(_phase(r) == "scst" for r in rows):
+        parts.append(curves_svg([r for r in rows if _phase(r) == "scst"], ("train_reward",), "SCST reward"))
+    return "".join(parts)
 
 
 def evaluation_html(report: dict[str, Any], history: Sequence[dict[str, Any]], image_paths: dict[str, Path],
@@ -108,7 +143,7 @@ padding:4px 10px;text-align:right}}.sample{{display:flex;gap:12px;margin:10px 0;
 (tokenizer: {esc(str(report.get('tokenizer')))}); beam size {report['beam'].get('beam_size')},
 length penalty {report['beam'].get('length_penalty')}.</p>
 <table><tr><th></th><th>beam</th><th>greedy</th></tr>{metric_rows}</table>
-<h2>Loss curves</h2>{loss_curves_svg(history)}
+<h2>Training curves</h2>{training_curves_html(history)}
 {attention}
 <h2>Samples</h2>{''.join(samples)}
 </body></html>"""

@@ -241,6 +241,7 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
 
     from captioner.evaluate import quick_bleu4
     from captioner.model.decoding import decode
+    from captioner.scst import corpus_cider
 
     ckpt = model_dir / CHECKPOINT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,7 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch_start = time.perf_counter()
 
-        def dev_bleu(self) -> float:
+        def dev_scores(self) -> tuple[float, float]:
             if self.decode_fn is None:
                 max_length = cfg.decode.max_length
                 self.decode_fn = tf.function(
@@ -274,7 +275,7 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
                 out = self.decode_fn(tf.constant(dev.features[start:start + 256]))
                 for name, ids in zip(dev.images[start:start + 256], out["tokens"][:, 0].numpy(), strict=True):
                     hyps[name] = tokenizer.decode(ids)
-            return quick_bleu4(dev_refs, hyps)
+            return quick_bleu4(dev_refs, hyps), corpus_cider(dev_refs, hyps)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
@@ -285,11 +286,11 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
                 self.model.stop_training = True
 
         def _select(self, epoch, logs):
-            logs["dev_bleu4"] = self.dev_bleu()
+            logs["dev_bleu4"], dev_cider = self.dev_scores()
             lr = self.model.optimizer.learning_rate
-            row = {"train_loss": float(logs.get("loss", float("nan"))),
+            row = {"phase": "xe", "train_loss": float(logs.get("loss", float("nan"))),
                    "val_loss": float(logs.get("val_loss", float("nan"))),
-                   "dev_bleu4": logs["dev_bleu4"], "learning_rate": float(np.asarray(lr)),
+                   "dev_bleu4": logs["dev_bleu4"], "dev_cider": dev_cider, "learning_rate": float(np.asarray(lr)),
                    "epoch_seconds": round(time.perf_counter() - self.epoch_start, 2)}
             tracker.log_metrics(epoch=epoch + 1, **row)
             value = self.sign * row[self.key]
@@ -300,7 +301,7 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
                 os.replace(tmp, ckpt / "best.weights.h5")
             if progress:
                 print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-                      f"dev BLEU-4 {row['dev_bleu4']:.4f} (best epoch {self.best_epoch}) "
+                      f"dev BLEU-4 {row['dev_bleu4']:.4f} CIDEr-D {dev_cider:.4f} (best epoch {self.best_epoch}) "
                       f"{row['epoch_seconds']:.1f}s", flush=True)
 
     class KillAfterEpoch(keras.callbacks.Callback):
@@ -356,18 +357,29 @@ def train_model(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, stor
     # must not train again when it is resumed.
     finished = model_dir / CHECKPOINT_DIR / "TRAINING_FINISHED"
     if cfg.train.epochs > 0 and not finished.is_file():
-        model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks,
-                  verbose=2 if progress else 0)
+        # Keras' own epoch line would repeat DevSelection's (one line per epoch, with dev BLEU-4).
+        model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
     finished.parent.mkdir(parents=True, exist_ok=True)
     finished.write_text(f"{len(tracker.history())} epochs\n")
     best = model_dir / CHECKPOINT_DIR / "best.weights.h5"
     if best.is_file():
         model.load_weights(str(best))
-    rows = tracker.history()
+    rows = [r for r in tracker.history() if r.get("phase") in (None, "", "xe")]
     key = "dev_bleu4" if cfg.train.select_metric == "bleu4" else "val_loss"
     if rows:
         chosen = (max if key == "dev_bleu4" else min)(rows, key=lambda r: r[key])
         tracker.extra["selected_epoch"] = chosen["epoch"]
         tracker.log_final_metrics(**{f"selected_{key}": chosen[key]})
+    if cfg.scst.enabled and cfg.scst.epochs > 0:
+        from captioner.scst import train_scst, training_references
+
+        with tracker.time("scst"):
+            summary = train_scst(model, cfg, train, dev, dataset.split_captions("dev"),
+                                 training_references(dataset, train.images), tokenizer, model_dir, tracker,
+                                 first_epoch=len(rows), strategy=strategy, progress=progress)
+        tracker.extra["scst"] = summary
+        if summary["selected_epoch"]:
+            tracker.extra["selected_epoch"] = len(rows) + summary["selected_epoch"]
+        tracker.log_final_metrics(selected_dev_cider=summary["selected_dev_cider"])
     save_trained(model, tokenizer, spec, model_dir)
     return model, spec

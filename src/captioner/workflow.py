@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: Ca
         seconds = time.perf_counter() - start
         scores = coco_scores(references, hyps, meteor=cfg.eval.meteor)
         scores.update({"beam_size": beam, "decode_seconds": round(seconds, 3)})
+        scores.update(caption_shares(hyps.values()))
         if beam > 1:
             scores["length_penalty"] = cfg.decode.length_penalty
         report[name] = scores
@@ -107,6 +109,19 @@ def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: Ca
     report["samples"] = [{"image": image, "generated_beam": s["beam"], "generated_greedy": s["greedy"],
                           "references": references[image]} for image, s in samples.items()]
     return report
+
+
+# Words a finished English caption does not end on; a caption that does stopped mid-phrase.
+DANGLING_WORDS = frozenset({"a", "the", "of", "with", "on", "in", "and"})
+
+
+def caption_shares(captions: Iterable[str]) -> dict[str, float]:
+    """Share of captions ending on a dangling word, and of captions containing ``<unk>``."""
+    captions = list(captions)
+    dangling = sum(1 for c in captions if c.split() and c.split()[-1] in DANGLING_WORDS)
+    unknown = sum(1 for c in captions if C.UNK in c.split())
+    total = max(len(captions), 1)
+    return {"dangling_share": round(dangling / total, 4), "unk_share": round(unknown / total, 4)}
 
 
 def decode_split(model, tokenizer: Tokenizer, store: FeatureStore, images: list[str], *, beam_size: int,
@@ -178,7 +193,8 @@ def fit_and_tune(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, sto
 # part of what the run is: changing it means a new run (--restart or a new --output).
 RESUMABLE_FIELDS = ("name", "train.epochs", "train.early_stopping_patience", "train.distribute",
                     "features.batch_size", "features.shard_size", "features.cache_dir", "data.root",
-                    "decode.beam_size", "decode.length_penalty", "decode.tune_length_penalty", "eval.", "export.")
+                    "scst.epochs", "scst.patience", "decode.beam_size", "decode.length_penalty",
+                    "decode.tune_length_penalty", "eval.", "export.")
 class ResumeError(ConfigError):
     """The command asks to continue a run as something it is not (other config or data)."""
 
@@ -187,7 +203,8 @@ RUN_STATE = "run_state.json"  # in checkpoints/: the data set's fingerprint and 
 # What `train` writes into its --output: the only things --restart removes (a user's file there stays).
 RUN_FILES = (C.CONFIG_SNAPSHOT, C.METRICS_CSV, C.RUN_SUMMARY, FAILED_JSON, C.EVALUATION_JSON, C.VOCAB_JSON,
              C.VOCAB_TXT, "model.json", "model.weights.h5")
-CHECKPOINT_FILES = ("best.weights.h5", ".best-tmp.weights.h5", "TRAINING_FINISHED", RUN_STATE)
+CHECKPOINT_FILES = ("best.weights.h5", ".best-tmp.weights.h5", "TRAINING_FINISHED", RUN_STATE, "scst-best.weights.h5",
+                    ".scst-best-tmp.weights.h5", "SCST_FINISHED", "scst_state.json")
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -246,6 +263,11 @@ def remove_run_files(output: Path) -> None:
         (checkpoints / name).unlink(missing_ok=True)
     # Keras's BackupAndRestore folder and TensorBoard's event files are ours by construction.
     shutil.rmtree(checkpoints / "backup", ignore_errors=True)
+    scst = checkpoints / "scst"  # tf.train.CheckpointManager's files (SCST): "checkpoint", "ckpt-N.*"
+    for name in (*scst.glob("ckpt-*"), scst / "checkpoint") if scst.is_dir() else ():
+        name.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        scst.rmdir()
     logs = output / C.LOG_DIR
     for events in logs.rglob("events.out.tfevents.*") if logs.is_dir() else ():
         events.unlink()

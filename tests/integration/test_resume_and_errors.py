@@ -234,3 +234,31 @@ def test_no_resume_is_an_alias_of_restart():
 
     option = next(p for p in train.params if "--restart" in p.opts)
     assert "--no-resume" in option.opts and option.is_flag
+
+
+def test_killed_scst_phase_resumes_where_it_stopped(tmp_path):
+    """SCST checkpoints model, optimizer and epoch: a run killed after SCST epoch 2 redoes neither
+    cross-entropy nor SCST epochs 1-2, and its epoch 3 is the uninterrupted run's epoch 3."""
+    scst = ("--set", "scst.enabled=true", "--set", "scst.epochs=3", "--set", "scst.patience=9")
+    out = tmp_path / "run"
+    killed = _train(out, *scst, env={"CAPTIONER_KILL_AFTER_SCST_EPOCH": "2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = _rows(out)
+    assert [(r["epoch"], r["phase"]) for r in before] == [("1", "xe"), ("2", "xe"), ("3", "xe"), ("4", "scst"),
+                                                          ("5", "scst")]
+    resumed = _train(out, *scst)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "SCST: resuming after epoch 2" in resumed.stdout
+    assert "SCST epoch 1:" not in resumed.stdout and "SCST epoch 3:" in resumed.stdout
+    assert "epoch 1:" not in resumed.stdout.replace("SCST epoch 1:", "")
+    after = _rows(out)
+    assert after[:5] == before
+    assert [(r["epoch"], r["phase"]) for r in after][5:] == [("6", "scst")]
+
+    straight = tmp_path / "straight"
+    assert _train(straight, *scst).returncode == 0
+    reference = _rows(straight)
+    for key in ("train_reward", "dev_cider"):
+        assert float(after[5][key]) == pytest.approx(float(reference[5][key]), rel=1e-3, abs=1e-3), key
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["scst"]["epochs"] == 3 and summary["scst"]["xe_dev_cider"] > 0

@@ -1,0 +1,101 @@
+"""SCST's reward and baseline: CIDEr-D with training document frequencies, hand-checked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner.constants import END_ID, PAD_ID, START_ID
+from captioner.data.readers import CaptionDataset
+from captioner.data.tokenizer import Tokenizer
+from captioner.scst import (
+    CiderD,
+    RewardFunction,
+    caption_ids,
+    corpus_cider,
+    self_critical_advantages,
+    teacher_forcing_rows,
+    training_references,
+)
+
+
+def test_cider_d_by_hand():
+    # Two images; "a" is in both (df 2: idf 0), "dog", "cat" and their bigrams in one (idf log 2).
+    cider = CiderD([[["a", "dog"]], [["a", "cat"]]])
+    assert cider.ref_len == pytest.approx(math.log(2))
+    refs = cider.prepare([["a", "dog"]])
+    # Unigrams: cosine 1; bigrams: cosine 1; no trigrams or 4-grams (0); no length penalty.
+    assert cider.score(["a", "dog"], refs) == pytest.approx(10 * (1 + 1 + 0 + 0) / 4)
+    # Only "dog" (unigram cosine 1, no bigram): a quarter of the above... times 2 orders -> 2.5.
+    assert cider.score(["dog"], refs) == pytest.approx(2.5)
+    # "a" carries no weight and "cat" is not in the reference.
+    assert cider.score(["a", "cat"], refs) == pytest.approx(0.0)
+
+
+def test_cider_d_equals_coco_scorer_when_given_the_same_references():
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {"1": ["a dog runs on the grass", "a brown dog is running", "the dog runs outside"],
+           "2": ["two children play in the water", "kids splash in a pool", "two kids are swimming"],
+           "3": ["a man rides a bike on a dirt road", "a cyclist on a trail", "a man is riding a bicycle"]}
+    res = {"1": ["a dog is running on the grass"], "2": ["two kids play in the pool"], "3": ["a man on a bike"]}
+    expected, per_image = Cider().compute_score(gts, res)
+    ours = CiderD([[r.split() for r in refs] for refs in gts.values()])
+    for i, key in enumerate(gts):
+        assert ours.score(res[key][0].split(), ours.prepare([r.split() for r in gts[key]])) == pytest.approx(
+            per_image[i], abs=1e-9)
+    assert corpus_cider(gts, {k: v[0] for k, v in res.items()}) == pytest.approx(expected, abs=1e-9)
+
+
+def test_baseline_is_the_mean_of_the_other_samples():
+    rewards = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 0.5, 0.5, 0.5, 0.5]])
+    # Image 1: baselines 14/4, 13/4, 12/4, 11/4, 10/4; image 2: all samples equal -> no signal.
+    np.testing.assert_allclose(self_critical_advantages(rewards),
+                               [[-2.5, -1.25, 0.0, 1.25, 2.5], [0, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="at least 2"):
+        self_critical_advantages(np.ones((2, 1)))
+
+
+def _tokenizer() -> Tokenizer:
+    return Tokenizer.fit(["a dog runs", "a cat sits", "a dog sits"], min_count=1)
+
+
+def test_reward_counts_the_end_token():
+    tok = _tokenizer()
+    reward = RewardFunction([["a dog runs"], ["a cat sits"]], tok, max_length=10)
+    full = tok.encode("a dog runs")
+    cut = full[:-1]  # the same words without <end>: stopped, not finished
+    samples = np.zeros((2, 6), np.int32)
+    samples[0, :len(full)] = full
+    samples[1, :len(cut)] = cut
+    samples[1, len(cut)] = tok.index["runs"]  # runs on instead of ending
+    rewards = reward([0], samples)
+    assert rewards.shape == (1, 2)
+    assert rewards[0, 0] > rewards[0, 1]
+    assert caption_ids([START_ID, 5, 6, END_ID, PAD_ID, 7]) == (5, 6, END_ID)
+
+
+def test_document_frequencies_come_from_training_references_only():
+    dataset = CaptionDataset(
+        captions={"t1.jpg": ["a dog runs"], "t2.jpg": ["a cat sits"], "d1.jpg": ["a dog sits"], "e1.jpg": ["a dog"]},
+        splits={"train": ["t1.jpg", "t2.jpg"], "dev": ["d1.jpg"], "test": ["e1.jpg"]}, name="toy", images_dir=Path("."))
+    tok = _tokenizer()
+    refs = training_references(dataset, dataset.splits["train"])
+    assert refs == [["a dog runs"], ["a cat sits"]]
+    reward = RewardFunction(refs, tok, max_length=10)
+    df = reward.cider.document_frequency
+    dog_sits = (tok.index["dog"], tok.index["sits"])
+    assert dog_sits not in df  # only in a dev caption
+    assert df[(tok.index["a"],)] == 2 and df[(tok.index["dog"],)] == 1
+    assert reward.cider.ref_len == pytest.approx(math.log(2))
+
+
+def test_teacher_forcing_rows_stop_reading_after_end():
+    samples = np.array([[5, 6, END_ID, PAD_ID], [7, END_ID, PAD_ID, PAD_ID]], np.int32)
+    inputs, targets = teacher_forcing_rows(samples)
+    # Nothing is read after <end>, and the all-padding last column is dropped.
+    np.testing.assert_array_equal(inputs, [[START_ID, 5, 6], [START_ID, 7, PAD_ID]])
+    np.testing.assert_array_equal(targets, samples[:, :3])
