@@ -158,6 +158,9 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                  "items": {"type": "string", "format": "binary"},
                  "description": f"One or more image files (JPEG, PNG, ...; at most {max_images} per request, "
                                 f"{settings.max_upload_bytes} bytes in all, {settings.max_pixels} pixels each)."},
+        "files": {"type": "array", "maxItems": max_images, "items": {"type": "string", "format": "binary"},
+                  "description": "More image files, after those of `file` (the two together count against "
+                                 "the per-request limit)."},
         **decode_fields}}
     json_body = {"type": "object", "properties": {
         "image": {"type": "string", "format": "byte",
