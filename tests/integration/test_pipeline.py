@@ -67,7 +67,9 @@ def test_components_as_functions(tmp_path, captioner_cache):
     train_metrics = art(Metrics, "train_metrics")
     steps.train("smoke", overrides, fingerprint, vocab, features, model, train_metrics)
     assert (Path(model.path) / "saved_model" / "saved_model.pb").is_file()
+    # The smoke preset goes on with SCST after its cross-entropy epochs.
     assert train_metrics.metadata["epochs"] == 2 and Path(train_metrics.path).is_file()
+    assert train_metrics.metadata["scst_epochs"] == 2 and "final_train_reward" in train_metrics.metadata
     metrics, report, evaluation = art(Metrics, "metrics"), art(HTML, "report"), art(Artifact, "evaluation")
     repo = str(tmp_path / "repo")
     passed = steps.evaluate("smoke", overrides, fingerprint, model, features, repo, "captioner", 0.0, 0.005, metrics,
@@ -75,6 +77,7 @@ def test_components_as_functions(tmp_path, captioner_cache):
     assert passed is True and "bleu4" in metrics.metadata and "greedy_cider" in metrics.metadata
     html = Path(report.path).read_text()
     assert "<svg" in html and "data:image/jpeg;base64" in html and "Attention" in html and "BLEU-4" in html
+    assert ">SCST</text>" in html and ">cross-entropy</text>" in html and "dev_cider" in html
     registered = art(Model, "registered")
     assert steps.register(model, evaluation, repo, "captioner", "run-1", registered) == 1
     metadata = ModelRepository(repo).metadata("captioner", 1)
