@@ -4,6 +4,7 @@ copied from ../shared when they are there."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -45,10 +46,20 @@ def captioner_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, captioner_cache):
-    """One complete `captioner train --config smoke` run, shared by the tests that inspect its outputs."""
-    from captioner.config import load_config
+    """One complete `captioner train --config smoke` run, shared by the tests that inspect its outputs.
+
+    ``CAPTIONER_TEST_RUN=<run folder>`` puts a finished run of any preset in its place, so that the
+    serving tests (session loader, serving_default equals the library, the TF Serving contract, the
+    gateway) check that run's SavedModel, e.g. the Flickr8k recipe's (BENCHMARKS.md)."""
+    from captioner.config import config_from_dict, load_config
     from captioner.workflow import run_training
 
+    given = os.environ.get("CAPTIONER_TEST_RUN")
+    if given:
+        run = Path(given)
+        if not (run / "saved_model" / "saved_model.pb").is_file():
+            pytest.fail(f"CAPTIONER_TEST_RUN={given} is not a finished run folder (no saved_model/)")
+        return run, config_from_dict(json.loads((run / "config_snapshot.json").read_text()))
     out = tmp_path_factory.mktemp("smoke") / "run"
     cfg = load_config("smoke")
     run_training(cfg, out, progress=False)
