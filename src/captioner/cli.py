@@ -392,7 +392,9 @@ def data_samples(config_name: str, overrides: tuple[str, ...], split: str, count
 
 
 # -- pipeline ------------------------------------------------------------------------------------
-@cli.group()
+@cli.group(epilog="""\b
+Example:
+  captioner pipeline run --local --config synthetic --model-repo models""")
 def pipeline() -> None:
     """Compile, run (locally), submit and schedule the Kubeflow pipeline."""
 
@@ -469,9 +471,11 @@ def _check_cloud(host, vertex, project, region, pipeline_root, *, config_name, o
     return params
 
 
-@pipeline.command("compile")
+@pipeline.command("compile", epilog="""\b
+Example:
+  captioner pipeline compile --output pipeline.yaml --image REGISTRY/captioner@sha256:DIGEST""")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("pipeline.yaml"),
-              show_default=True)
+              show_default=True, help="Where the compiled KFP v2 YAML package is written.")
 @click.option("--image", default=None, help="Component image reference to pin (e.g. with a @sha256 digest).")
 def pipeline_compile(output: Path, image: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML package."""
@@ -481,7 +485,9 @@ def pipeline_compile(output: Path, image: str | None) -> None:
     click.echo(f"compiled: {output}")
 
 
-@pipeline.command("run")
+@pipeline.command("run", epilog="""\b
+Example:
+  captioner pipeline run --local --config synthetic --pipeline-root runs/pipeline --model-repo models""")
 @click.option("--local", "local_run", is_flag=True, required=True,
               help="Run on this machine with kfp.local (the only way `run` works; see submit).")
 @click.option("--pipeline-root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/pipeline"),
@@ -513,7 +519,12 @@ def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_b
     click.echo(f"report: {report_url(record['report'])}")
 
 
-@pipeline.command("submit")
+@pipeline.command("submit", epilog="""\b
+Example:
+  captioner pipeline submit --host https://kfp.example.com --image REGISTRY/captioner:TAG \\
+      --config flickr8k --model-repo gs://BUCKET/models
+  captioner pipeline submit --vertex --project PROJECT --region us-central1 --pipeline-root gs://BUCKET/root \\
+      --image REGISTRY/captioner:TAG --config my.yaml --model-repo gs://BUCKET/models""")
 @_cloud_options
 @_pipeline_options
 def pipeline_submit(host, vertex, project, region, pipeline_root, service_account, experiment, package, image,
@@ -536,9 +547,13 @@ def pipeline_submit(host, vertex, project, region, pipeline_root, service_accoun
     click.echo(f"submitted: {name}")
 
 
-@pipeline.command("schedule")
+@pipeline.command("schedule", epilog="""\b
+Example:
+  captioner pipeline schedule --cron '0 3 * * 1' --host https://kfp.example.com \\
+      --image REGISTRY/captioner:TAG --config flickr8k --model-repo gs://BUCKET/models""")
 @click.option("--cron", required=True, help="When to retrain, cron syntax, e.g. '0 3 * * 1' (Mondays 03:00).")
-@click.option("--name", "schedule_name", default="captioner-retraining", show_default=True)
+@click.option("--name", "schedule_name", default="captioner-retraining", show_default=True,
+              help="Name of the recurring run (KFP) or schedule (Vertex).")
 @_cloud_options
 @_pipeline_options
 def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeline_root, service_account, experiment,
@@ -564,16 +579,22 @@ def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeli
 
 
 # -- runs ------------------------------------------------------------------------------------------
-@cli.group()
+@cli.group(epilog="""\b
+Example:
+  captioner runs list
+  captioner runs show latest""")
 def runs() -> None:
     """Inspect local pipeline runs (records under the pipeline root)."""
 
 
 ROOT_OPTION = click.option("--pipeline-root", type=click.Path(file_okay=False, path_type=Path),
-                           default=Path("runs/pipeline"), show_default=True)
+                           default=Path("runs/pipeline"), show_default=True,
+                           help="The folder `captioner pipeline run --pipeline-root` wrote the runs to.")
 
 
-@runs.command("list")
+@runs.command("list", epilog="""\b
+Example:
+  captioner runs list --pipeline-root runs/pipeline""")
 @ROOT_OPTION
 def runs_list(pipeline_root: Path) -> None:
     """One line per run: id, status, duration, test BLEU-4, gate, registered version."""
@@ -592,10 +613,13 @@ def runs_list(pipeline_root: Path) -> None:
                    f"{bleu4 if bleu4 is None else f'{bleu4:.4f}':>7}  {gate:9} {registered}")
 
 
-@runs.command("show")
+@runs.command("show", epilog="""\b
+Example:
+  captioner runs show latest
+  captioner runs show captioner-training-2026-11-28 --json""")
 @click.argument("run_id")
 @ROOT_OPTION
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole run record as JSON.")
 def runs_show(run_id: str, pipeline_root: Path, as_json: bool) -> None:
     """Each task's status, duration, metrics and artifact paths, and the HTML report's file:// URL.
 
@@ -713,7 +737,10 @@ def _gateway_url(listener) -> str:
     return f"http://{host}:{port}"
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Example:
+  captioner serve --model-repo models --port 8080   # then open http://127.0.0.1:8080/demo
+  captioner serve --backend tfserving --tfserving-target localhost:8500""")
 @click.option("--model-repo", default=None, help="Model repository to serve from (local backend; default: models).")
 @click.option("--model-dir", default=None, help="Serve this SavedModel folder instead of a repository.")
 @click.option("--model-name", default=None, help="Model name in the repository / TF Serving (default: captioner).")
