@@ -20,16 +20,23 @@ def test_run_folder_layout(smoke_run):
                  "checkpoints", "saved_model/saved_model.pb", "vocab.json", "model.weights.h5"):
         assert (out / name).exists(), name
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == list(range(1, cfg.train.epochs + 1))
-    assert {"train_loss", "val_loss", "dev_bleu4", "learning_rate"} <= set(rows[0])
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    xe = [r for r in rows if r["phase"] == "xe"]
+    assert [int(r["epoch"]) for r in xe] == list(range(1, cfg.train.epochs + 1))
+    assert {"train_loss", "val_loss", "dev_bleu4", "dev_cider", "learning_rate"} <= set(rows[0])
+    assert float(xe[-1]["train_loss"]) < float(xe[0]["train_loss"])
+    # The smoke preset's SCST phase follows, numbered on, with its reward and dev CIDEr-D.
+    scst = [r for r in rows if r["phase"] == "scst"]
+    assert [int(r["epoch"]) for r in scst] == [cfg.train.epochs + i for i in range(1, cfg.scst.epochs + 1)]
+    assert all(float(r["train_reward"]) > 0 and float(r["dev_cider"]) > 0 for r in scst)
     report = json.loads((out / "evaluation.json").read_text())
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"):
         assert key in report and key in report["greedy"]
     assert report["images"] == cfg.data.synthetic.num_test and report["samples"]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "complete"
-    assert set(summary["timings_seconds"]) >= {"data", "tokenize", "extract", "train", "evaluate", "export"}
+    assert set(summary["timings_seconds"]) >= {"data", "tokenize", "extract", "train", "scst", "evaluate", "export"}
+    assert summary["scst"]["epochs"] == cfg.scst.epochs and "xe_dev_cider" in summary["scst"]
+    assert report["beam"]["unk_share"] == 0 and report["greedy"]["unk_share"] == 0 and "dangling_share" in report["beam"]
     assert json.loads((out / "config_snapshot.json").read_text())["name"] == "smoke"
     assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard logs"
 
