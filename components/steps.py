@@ -62,9 +62,68 @@ def extract_features(config: str, overrides: list, fingerprint: str, features: O
                               "extracted": len(store.extracted), "run_fingerprint": fingerprint})
 
 
+def plan_shards(extract_shards: int, fingerprint: str) -> list:
+    """One item per shard, ``{"shard_index": i, "fingerprint": ...}``, for ``dsl.ParallelFor`` (a list
+    output is what it iterates when the count is a run parameter).
+
+    The fingerprint travels in the items because kfp.local (2.17) hands every task output that
+    enters a loop body the loop item instead of its value.
+    """
+    from captioner.pipelines.fanout import shard_indices
+
+    return [{"shard_index": index, "fingerprint": fingerprint} for index in shard_indices(extract_shards)]
+
+
+def extract_features_shard(config: str, overrides: list, fingerprint: str, shard_index: int, extract_shards: int,
+                           features: Output[Dataset]):
+    """Features of one contiguous block of the image list (``shard_images``) into the artifact,
+    through the same content-addressed cache as the single-step extraction."""
+    from captioner.pipelines.fanout import shard_images
+    from captioner.pipelines.step_config import load_step_config
+
+    from captioner.fingerprint import check_unchanged
+    from captioner.workflow import extract_step, load_data
+
+    cfg = load_step_config(config, overrides)
+    dataset = load_data(cfg)
+    check_unchanged(fingerprint, dataset)
+    images = shard_images(dataset.all_images(), shard_index, extract_shards)
+    store = extract_step(cfg, dataset, images=images, progress=False, output=features.path)
+    features.metadata.update({"shard": shard_index, "shards": extract_shards, "images": len(images),
+                              "extracted": len(store.extracted), "run_fingerprint": fingerprint})
+
+
+def collect_features(config: str, overrides: list, fingerprint: str, shards: Input[list[Dataset]],
+                     features: Output[Dataset]):
+    """The shards' features merged into one artifact, refused unless it holds every image (and
+    mirrored copy) of the data set: the same artifact the single extraction step writes."""
+    from captioner.pipelines.fanout import collect_stores, expected_names
+    from captioner.pipelines.step_config import load_step_config
+
+    from captioner.fingerprint import check_unchanged
+    from captioner.workflow import load_data
+
+    cfg = load_step_config(config, overrides)
+    dataset = load_data(cfg)
+    check_unchanged(fingerprint, dataset)
+    images = dataset.all_images()
+    flipped = dataset.splits["train"] if cfg.features.flip_train else []
+    store = collect_stores([shard.path for shard in shards], features.path, expected_names(images, flipped),
+                           cfg.features.shard_size)
+    features.metadata.update({"backbone": cfg.features.backbone, "weights": cfg.features.weights,
+                              "image_size": cfg.features.image_size, "images": len(store.index),
+                              "shards": len(shards),
+                              "extracted": sum(int(shard.metadata.get("extracted", 0)) for shard in shards),
+                              "run_fingerprint": fingerprint})
+
+
 def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset], features: Input[Dataset],
-          model: Output[Model], metrics: Output[Metrics]):
-    """Train with dev-split model selection, then export the SavedModel into the model artifact."""
+          model: Output[Model], metrics: Output[Metrics], distribute: str = ""):
+    """Train with dev-split model selection, then export the SavedModel into the model artifact.
+
+    ``distribute`` (e.g. ``multi_worker``, set by the multi-replica trainers of
+    ``captioner.pipelines.scale``) overrides ``train.distribute``: every replica runs this step,
+    with ``TF_CONFIG`` set by Vertex AI or the training operator."""
     import json
     from pathlib import Path
 
@@ -78,7 +137,7 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
     from captioner.tracking import ExperimentTracker
     from captioner.workflow import fit_and_tune, load_data
 
-    cfg = load_step_config(config, overrides)
+    cfg = load_step_config(config, [*overrides, *([f"train.distribute={distribute}"] if distribute else [])])
     dataset = load_data(cfg)
     data_fingerprint = check_unchanged(fingerprint, dataset)
     out = Path(model.path)
@@ -168,8 +227,9 @@ def register(model: Input[Model], evaluation: Input[Artifact], model_repo: str, 
     return version
 
 
-STEPS = {"fingerprint": fingerprint, "tokenize": tokenize, "extract_features": extract_features, "train": train,
-         "evaluate": evaluate, "register": register}
+STEPS = {"fingerprint": fingerprint, "tokenize": tokenize, "extract_features": extract_features,
+         "plan_shards": plan_shards, "extract_features_shard": extract_features_shard,
+         "collect_features": collect_features, "train": train, "evaluate": evaluate, "register": register}
 
 
 def build_components(image: str) -> SimpleNamespace:

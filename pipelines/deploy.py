@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from captioner.pipelines.fanout import check_shards
 from captioner.pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, compile_pipeline
+from captioner.pipelines.scale import TrainScale
 from captioner.pipelines.step_config import config_label, embed_config, is_embedded
 
 from captioner.config import load_config
@@ -30,7 +32,7 @@ COMPILED_CACHING = None
 def pipeline_parameters(config: str, overrides: list[str], model_repo: str, model_name: str = "captioner",
                         bleu4_floor: float = 0.1, tolerance: float = 0.005, accelerator_type: str | None = None,
                         accelerator_count: int | None = None,
-                        allow_unscorable_champion: bool = False) -> dict[str, Any]:
+                        allow_unscorable_champion: bool = False, extract_shards: int | None = None) -> dict[str, Any]:
     """The run's parameters, with the config resolved and validated HERE (ConfigError names the field).
 
     The cluster cannot read a YAML file of this machine, so ``config`` carries the resolved config
@@ -46,7 +48,40 @@ def pipeline_parameters(config: str, overrides: list[str], model_repo: str, mode
         if accelerator_count < 0:
             raise CaptionerError(f"--accelerator-count {accelerator_count}: must be >= 0", field="accelerator_count")
         params["accelerator_count"] = accelerator_count
+    if extract_shards is not None:
+        params["extract_shards"] = check_shards(extract_shards)
     return params
+
+
+def train_scale(trainer: str | None, replicas: int = 1, *, vertex: bool | None = None,
+                machine_type: str | None = None, accelerator_type: str | None = None,
+                accelerator_count: int | None = None, package: str | Path | None = None) -> TrainScale | None:
+    """The compile-time shape of the train step, checked against where it runs (``vertex``: True for
+    Vertex AI, False for Kubeflow Pipelines, None when only compiling). None: the plain step.
+
+    Several replicas without ``--trainer`` mean the target's own kind: a custom job on Vertex AI, a
+    TFJob on Kubeflow."""
+    if trainer is None and replicas > 1 and vertex is not None:
+        trainer = "vertex-custom-job" if vertex else "tfjob"
+    extra = {"machine_type": machine_type, "accelerator_type": accelerator_type,
+             "accelerator_count": accelerator_count}
+    if trainer in (None, "step") and replicas == 1 and not any(v for v in extra.values()):
+        return None
+    scale = TrainScale(trainer=trainer or "step", replicas=replicas,
+                       **{k: v for k, v in extra.items() if v is not None})
+    if scale.trainer == "step":
+        raise CaptionerError("--train-machine-type/--train-accelerator-* shape a multi-machine trainer: add "
+                             "--trainer vertex-custom-job or tfjob", field="trainer")
+    if vertex is True and scale.trainer == "tfjob":
+        raise CaptionerError("--trainer tfjob runs on Kubeflow (--host), not on Vertex AI (use vertex-custom-job)",
+                             field="trainer")
+    if vertex is False and scale.trainer == "vertex-custom-job":
+        raise CaptionerError("--trainer vertex-custom-job runs on Vertex AI (--vertex), not on Kubeflow Pipelines "
+                             "(use tfjob)", field="trainer")
+    if package:
+        raise CaptionerError(f"--trainer/--train-replicas are fixed when the pipeline is compiled; {package} is "
+                             "compiled already (compile it with them, or leave out --package)", path=str(package))
+    return scale
 
 
 def _run_label(params: dict[str, Any]) -> str:
@@ -102,11 +137,12 @@ def placeholder_image_warning(image: str | None, package: str | Path | None) -> 
             "able to pull it (build and push images/components.Dockerfile, then pass --image REF@sha256:...)")
 
 
-def _package(package: str | Path | None, image: str, params: dict[str, Any] | None = None) -> str:
+def _package(package: str | Path | None, image: str, params: dict[str, Any] | None = None,
+             scale: TrainScale | None = None) -> str:
     if package:
         check_package(package, params)
         return str(package)
-    return compile_pipeline(Path(tempfile.mkdtemp(prefix="captioner-pipeline-")) / "pipeline.yaml", image)
+    return compile_pipeline(Path(tempfile.mkdtemp(prefix="captioner-pipeline-")) / "pipeline.yaml", image, scale)
 
 
 _CRON_FIELDS = {  # name: (low, high, names)
@@ -179,8 +215,9 @@ def kfp_cron(expression: str) -> str:
 
 
 def submit_kfp(host: str, params: dict[str, Any], *, experiment: str = "captioner", run_name: str | None = None,
-               package: str | Path | None = None, image: str = DEFAULT_IMAGE, client=None) -> str:
-    template = _package(package, image, params)  # checked before a client talks to the host
+               package: str | Path | None = None, image: str = DEFAULT_IMAGE, client=None,
+               scale: TrainScale | None = None) -> str:
+    template = _package(package, image, params, scale)  # checked before a client talks to the host
     if client is None:
         import kfp
 
@@ -193,9 +230,9 @@ def submit_kfp(host: str, params: dict[str, Any], *, experiment: str = "captione
 
 def schedule_kfp(host: str, cron: str, params: dict[str, Any], *, experiment: str = "captioner",
                  name: str = "captioner-retraining", package: str | Path | None = None, image: str = DEFAULT_IMAGE,
-                 client=None) -> str:
+                 client=None, scale: TrainScale | None = None) -> str:
     cron_expression = kfp_cron(cron)
-    template = _package(package, image, params)
+    template = _package(package, image, params, scale)
     if client is None:
         import kfp
 
@@ -223,9 +260,10 @@ def _vertex_job(aiplatform, project: str, region: str, pipeline_root: str, param
 
 def submit_vertex(project: str, region: str, pipeline_root: str, params: dict[str, Any], *,
                   experiment: str | None = "captioner", service_account: str | None = None,
-                  package: str | Path | None = None, image: str = DEFAULT_IMAGE, aiplatform=None) -> str:
+                  package: str | Path | None = None, image: str = DEFAULT_IMAGE, aiplatform=None,
+                  scale: TrainScale | None = None) -> str:
     check_pipeline_root(pipeline_root)
-    template = _package(package, image, params)
+    template = _package(package, image, params, scale)
     if aiplatform is None:
         from google.cloud import aiplatform
     job = _vertex_job(aiplatform, project, region, pipeline_root, params, template, _run_label(params))
@@ -235,10 +273,11 @@ def submit_vertex(project: str, region: str, pipeline_root: str, params: dict[st
 
 def schedule_vertex(project: str, region: str, pipeline_root: str, cron: str, params: dict[str, Any], *,
                     name: str = "captioner-retraining", service_account: str | None = None,
-                    package: str | Path | None = None, image: str = DEFAULT_IMAGE, aiplatform=None) -> str:
+                    package: str | Path | None = None, image: str = DEFAULT_IMAGE, aiplatform=None,
+                    scale: TrainScale | None = None) -> str:
     cron = validate_cron(cron, vertex=True)
     check_pipeline_root(pipeline_root)
-    template = _package(package, image, params)
+    template = _package(package, image, params, scale)
     if aiplatform is None:
         from google.cloud import aiplatform
     job = _vertex_job(aiplatform, project, region, pipeline_root, params, template, name)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from captioner.pipelines.fanout import check_shards
 from captioner.pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, create_pipeline
 
 from captioner.errors import CaptionerError
@@ -32,20 +33,32 @@ class _TaskEvents(logging.Filter):
     def __init__(self):
         super().__init__()
         self.tasks: dict[str, dict[str, Any]] = {}
+        # A task inside dsl.ParallelFor logs under the same name once per iteration: counted here.
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def _event(self, name: str, status: str, now: float, **extra) -> None:
+        # Over a task's iterations: failed if any failed, else succeeded if any ran, else cached.
+        task = self.tasks.setdefault(name, {"started": now})
+        task.setdefault("started", now)
+        if _RANK[status] >= _RANK.get(task.get("status", "cached"), 0):
+            task.update(status=status, **extra)
+        task["finished"] = now
+        counts = self.counts.setdefault(name, {})
+        counts[status] = counts.get(status, 0) + 1
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = _ANSI.sub("", str(record.getMessage()))
         now = record.created
         if m := re.match(r"Executing task '?([\w-]+)'?", message):
-            self.tasks.setdefault(m[1], {})["started"] = now
+            self.tasks.setdefault(m[1], {}).setdefault("started", now)
         elif m := re.match(r"Task '?([\w-]+)'? cache hit \(key=(\w+)\)", message):
-            task = self.tasks.setdefault(m[1], {"started": now})
-            task.update(status="cached", cache_key=m[2], finished=now)
+            self._event(m[1], "cached", now, cache_key=m[2])
         elif m := re.match(r"Task '?([\w-]+)'? finished with status (\w+)", message):
-            task = self.tasks.setdefault(m[1], {"started": now})
-            if task.get("status") != "cached":
-                task.update(status="succeeded" if m[2] == "SUCCESS" else "failed", finished=now)
+            self._event(m[1], "succeeded" if m[2] == "SUCCESS" else "failed", now)
         return True
+
+
+_RANK = {"cached": 0, "succeeded": 1, "failed": 2}
 
 
 def _outputs_from_executor(path: Path) -> dict[str, Any]:
@@ -74,8 +87,11 @@ def _outputs_from_cache(cache_root: Path, key_prefix: str) -> dict[str, Any]:
 def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, pipeline_root: str | Path,
               model_repo: str, model_name: str = "captioner", bleu4_floor: float = 0.1, tolerance: float = 0.005,
               image: str = DEFAULT_IMAGE, cache: bool = True, serving_base_path: str | None = None,
-              allow_unscorable_champion: bool = False) -> dict[str, Any]:
+              allow_unscorable_champion: bool = False, extract_shards: int = 1) -> dict[str, Any]:
     """Run the whole DAG locally; returns (and saves) the run record. Raises CaptionerError on a failed step.
+
+    ``extract_shards`` is how many extraction tasks the image list is split over (kfp.local runs
+    two at a time); the features are the same for any count.
 
     ``serving_base_path`` (e.g. ``/models``, where a TF Serving container mounts the repository) is
     stored in the repository, so models.config names it from this run's registration on.
@@ -101,7 +117,8 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
     root_logger.setLevel(logging.INFO)
     params = {"config": config, "overrides": list(overrides or []), "model_repo": model_repo,
               "model_name": model_name, "bleu4_floor": bleu4_floor, "tolerance": tolerance,
-              "allow_unscorable_champion": allow_unscorable_champion}
+              "allow_unscorable_champion": allow_unscorable_champion,
+              "extract_shards": check_shards(extract_shards)}
     started = time.time()
     error = None
     try:
@@ -113,14 +130,43 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
         root_logger.setLevel(level)
     new = sorted({p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")} - before)
     run_id = new[-1] if new else f"{PIPELINE_NAME}-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
-    record = _record(run_id, pipeline_root, params, events.tasks, started, error)
+    record = _record(run_id, pipeline_root, params, _fold_fanout(events), started, error)
     atomic_write_json(pipeline_root / RUNS_DIR / f"{run_id}.json", record)
     if error is not None:
         failed = [name for name, task in record["tasks"].items() if task["status"] == "failed"]
+        if not failed and "for-loop" in str(error):  # the loop failed before its task started: extraction's
+            failed = ["extract-features"]
         raise CaptionerError(f"pipeline run {run_id} failed at step {', '.join(failed) or '?'}: "
                              f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}; "
                              f"nothing was registered (record: {pipeline_root / RUNS_DIR / (run_id + '.json')})")
     return record
+
+
+# The fanned-out extraction's tasks, shown as the one "extract-features" step of the run record.
+FANOUT_TASKS = ("plan-shards", "extract-features-shard", "collect-features")
+
+
+def _fold_fanout(events: _TaskEvents) -> dict[str, dict[str, Any]]:
+    """The task events with plan, shards and collect folded into "extract-features": its outputs are
+    collect's; failed when any part failed, cached only when every part was; ``shards`` counts the
+    shard tasks by status."""
+    tasks = {name: dict(event) for name, event in events.tasks.items() if name not in FANOUT_TASKS}
+    parts = {name: events.tasks[name] for name in FANOUT_TASKS if name in events.tasks}
+    if not parts:
+        return tasks
+    folded = dict(parts.get("collect-features", {}))
+    statuses = {part.get("status") for part in parts.values()}
+    if "failed" in statuses:
+        folded["status"] = "failed"
+    elif folded.get("status") == "cached" and statuses != {"cached"}:
+        folded["status"] = "succeeded"
+    folded["started"] = min(part["started"] for part in parts.values() if "started" in part)
+    finished = [part["finished"] for part in parts.values() if "finished" in part]
+    if finished:
+        folded["finished"] = max(finished)
+    folded["shards"] = dict(events.counts.get("extract-features-shard", {}))
+    tasks["extract-features"] = folded
+    return tasks
 
 
 def _record(run_id: str, root: Path, params: dict, events: dict, started: float, error) -> dict[str, Any]:
@@ -130,10 +176,13 @@ def _record(run_id: str, root: Path, params: dict, events: dict, started: float,
         task: dict[str, Any] = {"status": event.get("status", "not run" if error else "skipped")}
         if "started" in event and "finished" in event:
             task["seconds"] = round(event["finished"] - event["started"], 3)
+        if "shards" in event:
+            task["shards"] = event["shards"]
         if event.get("status") == "cached":
             task["outputs"] = _outputs_from_cache(root / ".kfp_cache", event["cache_key"])
         else:
-            executor = root / run_id / name / "executor_output.json"
+            executor = root / run_id / ("collect-features" if name == "extract-features" else name) / \
+                "executor_output.json"
             if executor.is_file():
                 task["outputs"] = _outputs_from_executor(executor)
         tasks[name] = task

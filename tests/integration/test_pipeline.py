@@ -29,27 +29,114 @@ def test_committed_pipeline_yaml_is_up_to_date(tmp_path):
 def test_compiled_dag_shape():
     spec = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"fingerprint", "tokenize", "extract-features", "train", "evaluate", "condition-1"} <= set(tasks)
-    assert set(tasks["train"]["dependentTasks"]) == {"fingerprint", "tokenize", "extract-features"}
+    assert {"fingerprint", "tokenize", "plan-shards", "for-loop-1", "collect-features", "train", "evaluate",
+            "condition-2"} <= set(tasks)
+    assert set(tasks["train"]["dependentTasks"]) == {"fingerprint", "tokenize", "collect-features"}
+    # Extraction fans out: a loop over plan-shards' list of indices, its shards collected into one artifact
+    # that train and evaluate read; the shard count is a run parameter.
+    items = tasks["for-loop-1"]["parameterIterator"]["items"]
+    assert items == {"inputParameter": "pipelinechannel--plan-shards-Output"}
+    assert tasks["plan-shards"]["inputs"]["parameters"]["extract_shards"] == {
+        "componentInputParameter": "extract_shards"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["extract_shards"]["parameterType"] == "NUMBER_INTEGER"
+    loop = spec["components"]["comp-for-loop-1"]["dag"]
+    assert set(loop["tasks"]) == {"extract-features-shard"}
+    shard_inputs = loop["tasks"]["extract-features-shard"]["inputs"]["parameters"]
+    for name in ("shard_index", "fingerprint"):
+        assert shard_inputs[name] == {"componentInputParameter": "pipelinechannel--plan-shards-Output-loop-item",
+                                      "parameterExpressionSelector": f'parseJson(string_value)["{name}"]'}
+    collected = tasks["collect-features"]["inputs"]["artifacts"]["shards"]["taskOutputArtifact"]
+    assert collected == {"outputArtifactKey": "pipelinechannel--extract-features-shard-features",
+                         "producerTask": "for-loop-1"}
+    assert spec["components"]["comp-collect-features"]["inputDefinitions"]["artifacts"]["shards"]["isArtifactList"]
+    for name in ("train", "evaluate"):
+        features = tasks[name]["inputs"]["artifacts"]["features"]["taskOutputArtifact"]
+        assert features["producerTask"] == "collect-features"
     # The fingerprint step always runs, and every step that reads data takes its output as an input,
     # which is what KFP's cache key hashes.
     assert not tasks["fingerprint"]["cachingOptions"].get("enableCache")
-    for name in ("tokenize", "extract-features", "train", "evaluate"):
+    # (The shards get it in plan-shards' items.)
+    for name in ("tokenize", "plan-shards", "collect-features", "train", "evaluate"):
         source = tasks[name]["inputs"]["parameters"]["fingerprint"]["taskOutputParameter"]
         assert source == {"outputParameterKey": "Output", "producerTask": "fingerprint"}
-    for name in ("tokenize", "extract-features", "train"):
+    for name in ("tokenize", "collect-features", "train"):
         assert tasks[name]["cachingOptions"]["enableCache"] is True
     assert not tasks["evaluate"]["cachingOptions"].get("enableCache")
-    assert "pipelinechannel--evaluate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
+    assert "pipelinechannel--evaluate-Output" in tasks["condition-2"]["triggerPolicy"]["condition"]
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train"]["container"]
     assert train["image"].startswith("us-docker.pkg.dev/") and "pip install" not in json.dumps(train)
     assert "accelerator" in train["resources"] and "cpuRequest" in train["resources"]
+    # Shards are CPU tasks: the loop's body cannot take the run's accelerator parameters (kfp 2.17).
+    shard = executors["exec-extract-features-shard"]["container"]["resources"]
+    assert "accelerator" not in shard and float(shard["cpuRequest"]) >= 4, shard
     for name, executor in executors.items():
         assert "resources" in executor["container"], f"{name} has no resource requests"
     # Registration exports the SavedModel again (backbone built, model traced): as much as that needs.
     register = executors["exec-register"]["container"]["resources"]
     assert float(register["cpuRequest"]) >= 2 and float(register["memoryRequest"]) >= 4, register
+
+
+def test_fanned_out_extraction_equals_one_step(tmp_path, captioner_cache):
+    """Issue #11: under kfp.local, two shards extracted in parallel (dsl.ParallelFor) and collected
+    (dsl.Collected) give every image, and every mirrored copy, the very features of one extraction
+    step. Each side has its own feature cache, so both really run the backbone."""
+    import numpy as np
+    from captioner.pipelines.pipeline import create_feature_pipeline
+    from kfp import local
+
+    from captioner.features.extract import FeatureStore
+
+    def overrides(cache):
+        return ["features.flip_train=true", f"features.cache_dir={tmp_path / cache}"]
+
+    one = Dataset(name="features", uri=str(tmp_path / "one"))
+    steps.extract_features("smoke", overrides("cache-one"), steps.fingerprint("smoke", overrides("cache-one"), ""),
+                           one)
+
+    root = tmp_path / "root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=False,
+               raise_on_error=True)
+    fanned = create_feature_pipeline()(config="smoke", overrides=overrides("cache-fan"), extract_shards=2).output
+
+    shards = [json.loads(p.read_text())["artifacts"]["features"]["artifacts"][0]["metadata"]
+              for p in sorted(root.glob("*/for-loop-*-iteration-*/extract-features-shard/executor_output.json"))]
+    assert [s["shard"] for s in shards] == [0, 1] and all(s["images"] > 0 for s in shards)
+    assert sum(s["images"] for s in shards) == 348  # every image in exactly one shard
+    assert sum(s["extracted"] for s in shards) == fanned.metadata["extracted"] == one.metadata["extracted"] > 0
+    a, b = FeatureStore(Path(one.path)), FeatureStore(Path(fanned.path))
+    names = sorted(a.index)
+    assert names == sorted(b.index) and len(names) > 348 and any(n.endswith("#flip") for n in names)
+    assert fanned.metadata["images"] == one.metadata["images"] == len(names) and fanned.metadata["shards"] == 2
+    assert np.array_equal(a.load(names), b.load(names))
+
+
+def test_shards_cover_the_images_and_collect_refuses_a_lost_one(tmp_path):
+    import numpy as np
+    from captioner.pipelines.fanout import collect_stores, shard_images
+
+    from captioner.errors import DataError
+    from captioner.features.extract import FeatureStore
+
+    images = [f"img{i}.jpg" for i in range(11)]
+    parts = [shard_images(images, i, 4) for i in range(4)]
+    assert [len(p) for p in parts] == [3, 3, 3, 2] and sum(parts, []) == images
+    assert shard_images(images[:1], 1, 2) == []  # more shards than images: an empty shard, not an error
+    with pytest.raises(CaptionerError, match="shard index 4 is outside 0..3"):
+        shard_images(images, 4, 4)
+    with pytest.raises(CaptionerError, match="extract_shards 0"):
+        shard_images(images, 0, 0)
+    stores = []
+    for number, part in enumerate(parts):
+        kept = part[1:] if number == 2 else part  # shard 2 lost its first image
+        store = FeatureStore(tmp_path / f"shard{number}")
+        store.folder.mkdir()
+        store.append(kept, np.full((len(kept), 2, 3), number, np.float16))
+        stores.append(store.folder)
+    with pytest.raises(DataError, match=r"lack 1 image\(s\), e.g. \['img6.jpg'\]"):
+        collect_stores(stores, tmp_path / "merged", images)
+    merged = collect_stores(stores, tmp_path / "merged-ok", [i for i in images if i != "img6.jpg"])
+    assert merged.load(["img0.jpg", "img7.jpg", "img10.jpg"])[:, 0, 0].tolist() == [0, 2, 3]
 
 
 def test_components_as_functions(tmp_path, captioner_cache):

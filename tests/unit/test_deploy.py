@@ -2,6 +2,7 @@
 reachable here, so the clients are recorders whose calls are bound to the real methods' signatures)."""
 
 import inspect
+import json
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,62 @@ def test_parameters_sent_are_the_pipelines_own_and_the_champion_policy_is_one_of
     evaluate = yaml.safe_load((ROOT / "pipeline.yaml").read_text())["root"]["dag"]["tasks"]["evaluate"]
     assert evaluate["inputs"]["parameters"]["allow_unscorable_champion"] == {
         "componentInputParameter": "allow_unscorable_champion"}
+
+
+def _pools(template: str):
+    spec = yaml.safe_load(Path(template).read_text())
+    return spec["components"]["comp-train"]["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+
+
+def test_multi_machine_training_is_compiled_into_what_is_sent():
+    """Issue #11: --train-replicas compiles the train step as the target's multi-machine trainer
+    (a custom job on Vertex AI, a TFJob on Kubeflow) into the package that is submitted."""
+    fake = FakeAiplatform()
+    scale = deploy.train_scale(None, 4, vertex=True, accelerator_type="NVIDIA_TESLA_T4")
+    assert (scale.trainer, scale.replicas, scale.gpus) == ("vertex-custom-job", 4, 1)
+    deploy.submit_vertex("proj", "us-central1", "gs://bucket/root", PARAMS, aiplatform=fake, scale=scale)
+    pools = _pools(dict(fake.calls)["PipelineJob"]["template_path"])
+    assert [p["replica_count"] for p in pools] == [1, 3] and pools[1]["machine_spec"]["accelerator_count"] == 1
+
+    client = Recorder(kfp.Client, {"create_run_from_pipeline_package": Obj(run_id="run-1")})
+    deploy.submit_kfp("http://kfp", PARAMS, client=client, scale=deploy.train_scale(None, 2, vertex=False))
+    template = yaml.safe_load(Path(client.calls[0][1]["pipeline_file"]).read_text())
+    train = template["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["command"][-2:] == ["captioner.pipelines.scale", "launch-tfjob"]
+    assert json.loads(train["args"][3])["trainer"]["replicas"] == 2
+
+    assert deploy.train_scale(None, 1, vertex=True) is None  # one machine: the plain step
+    with pytest.raises(CaptionerError, match="tfjob runs on Kubeflow"):
+        deploy.train_scale("tfjob", 2, vertex=True)
+    with pytest.raises(CaptionerError, match="vertex-custom-job runs on Vertex AI"):
+        deploy.train_scale("vertex-custom-job", 2, vertex=False)
+    with pytest.raises(CaptionerError, match="fixed when the pipeline is compiled"):
+        deploy.train_scale(None, 2, vertex=True, package=ROOT / "pipeline.yaml")
+    with pytest.raises(CaptionerError, match="needs --trainer"):
+        deploy.train_scale(None, 2)  # compiling, with no target to choose for
+
+
+def test_extract_shards_is_a_run_parameter():
+    declared = yaml.safe_load((ROOT / "pipeline.yaml").read_text())["root"]["inputDefinitions"]["parameters"]
+    assert declared["extract_shards"] == {"defaultValue": 1.0, "isOptional": True, "parameterType": "NUMBER_INTEGER"}
+    params = deploy.pipeline_parameters("flickr8k", ["data.root=/gcs/data/flickr8k"], "gs://m", extract_shards=16)
+    assert params["extract_shards"] == 16 and set(params) <= set(declared)
+    assert "extract_shards" not in PARAMS  # unless asked for, the pipeline's default
+    with pytest.raises(CaptionerError, match="extract_shards 0: must be"):
+        deploy.pipeline_parameters("synthetic", [], "gs://m", extract_shards=0)
+
+
+def test_cli_compile_with_a_trainer(tmp_path):
+    from click.testing import CliRunner
+
+    from captioner.cli import cli
+
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(cli, ["pipeline", "compile", "--output", str(out), "--trainer", "vertex-custom-job",
+                                      "--train-replicas", "3", "--train-machine-type", "a2-highgpu-1g",
+                                      "--train-accelerator-type", "NVIDIA_TESLA_A100"])
+    assert result.exit_code == 0, result.output
+    assert [(p["replica_count"], p["machine_spec"]["machine_type"]) for p in _pools(str(out))] == [
+        (1, "a2-highgpu-1g"), (2, "a2-highgpu-1g")]
+    result = CliRunner().invoke(cli, ["pipeline", "compile", "--output", str(out), "--train-replicas", "3"])
+    assert result.exit_code != 0 and "needs --trainer vertex-custom-job or tfjob" in str(result.exception)
