@@ -438,16 +438,52 @@ def _cloud_options(func):
                           "name, with a warning)."),
         click.option("--accelerator-type", default=None, help="e.g. NVIDIA_TESLA_T4 (Vertex) or nvidia.com/gpu."),
         click.option("--accelerator-count", type=click.IntRange(min=0), default=None,
-                     help="GPUs per training and extraction step (default: the pipeline's, 1)."),
+                     help="GPUs of the (single-container) training step (default: the pipeline's, 1); "
+                          "extraction shards run on CPUs."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
+TRAINER_HELP = ("How the train step runs: step (one container), vertex-custom-job (a Vertex AI custom job over "
+                "--train-replicas machines) or tfjob (a Kubeflow TFJob: one chief, the rest workers); fixed when the "
+                "pipeline is compiled. Default: step, or with --train-replicas > 1 the target's own kind "
+                "(vertex-custom-job with --vertex, tfjob with --host).")
+EXTRACT_SHARDS_HELP = ("How many parallel tasks feature extraction is split over (the image list in contiguous "
+                       "shards, collected into one artifact; default: the pipeline's, 1).")
+
+
+def _scale_options(func):
+    options = [
+        click.option("--trainer", type=click.Choice(["step", "vertex-custom-job", "tfjob"]), default=None,
+                     help=TRAINER_HELP),
+        click.option("--train-replicas", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Machines the train step runs on, with tf.distribute.MultiWorkerMirroredStrategy "
+                          "(TF_CONFIG is set by Vertex AI or the training operator)."),
+        click.option("--train-machine-type", default=None,
+                     help="Machine type of each training replica on Vertex AI (default: n1-standard-8)."),
+        click.option("--train-accelerator-type", default=None,
+                     help="GPU of each training replica, e.g. NVIDIA_TESLA_T4 (a TFJob selects GKE nodes with it)."),
+        click.option("--train-accelerator-count", type=click.IntRange(min=0), default=None,
+                     help="GPUs per training replica (default: 1 when a type is given)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _train_scale(options: dict, *, vertex: bool | None = None, package=None):
+    from captioner.pipelines.deploy import train_scale
+
+    return train_scale(options["trainer"], options["train_replicas"], vertex=vertex,
+                       machine_type=options["train_machine_type"], accelerator_type=options["train_accelerator_type"],
+                       accelerator_count=options["train_accelerator_count"], package=package)
+
+
 def _check_cloud(host, vertex, project, region, pipeline_root, *, config_name, overrides, model_repo, model_name,
                  bleu4_floor, tolerance, accelerator_type, accelerator_count, allow_unscorable_champion, package,
-                 image, cron=None) -> dict:
+                 image, cron=None, extract_shards=None) -> dict:
     """Check here all that can be checked (options, cron, config, overrides, package) before any client
     talks to a host, so a typo is reported as what and where, not as a connection error; returns the
     run's parameters (the resolved config embedded) and warns about the placeholder image."""
@@ -462,7 +498,8 @@ def _check_cloud(host, vertex, project, region, pipeline_root, *, config_name, o
     if cron is not None:
         deploy.validate_cron(cron, vertex=vertex)
     params = deploy.pipeline_parameters(config_name, list(overrides), model_repo, model_name, bleu4_floor,
-                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion)
+                                        tolerance, accelerator_type, accelerator_count, allow_unscorable_champion,
+                                        extract_shards)
     if package:
         deploy.check_package(package, params)
     warning = deploy.placeholder_image_warning(image, package)
@@ -473,15 +510,18 @@ def _check_cloud(host, vertex, project, region, pipeline_root, *, config_name, o
 
 @pipeline.command("compile", epilog="""\b
 Example:
-  captioner pipeline compile --output pipeline.yaml --image REGISTRY/captioner@sha256:DIGEST""")
+  captioner pipeline compile --output pipeline.yaml --image REGISTRY/captioner@sha256:DIGEST
+  captioner pipeline compile --trainer vertex-custom-job --train-replicas 4 \\
+      --train-accelerator-type NVIDIA_TESLA_T4 --output pipeline-4xT4.yaml""")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("pipeline.yaml"),
               show_default=True, help="Where the compiled KFP v2 YAML package is written.")
 @click.option("--image", default=None, help="Component image reference to pin (e.g. with a @sha256 digest).")
-def pipeline_compile(output: Path, image: str | None) -> None:
+@_scale_options
+def pipeline_compile(output: Path, image: str | None, **scale_options) -> None:
     """Compile the pipeline to a KFP v2 YAML package."""
     from captioner.pipelines.pipeline import DEFAULT_IMAGE, compile_pipeline
 
-    compile_pipeline(str(output), image or DEFAULT_IMAGE)
+    compile_pipeline(str(output), image or DEFAULT_IMAGE, _train_scale(scale_options))
     click.echo(f"compiled: {output}")
 
 
@@ -496,17 +536,20 @@ Example:
 @click.option("--serving-base-path", default=None,
               help="Where TF Serving sees the model repository (e.g. /models, the docker-compose mount); "
                    "models.config names it. Kept in the repository for later writes.")
+@click.option("--extract-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many extraction tasks the image list is split over (kfp.local runs two at a time).")
 @_pipeline_options
 def pipeline_run(local_run: bool, pipeline_root: Path, no_cache: bool, serving_base_path: str | None,
-                 config_name: str, overrides: tuple[str, ...], model_repo: str, model_name: str, bleu4_floor: float,
-                 tolerance: float, allow_unscorable_champion: bool) -> None:
+                 extract_shards: int, config_name: str, overrides: tuple[str, ...], model_repo: str, model_name: str,
+                 bleu4_floor: float, tolerance: float, allow_unscorable_champion: bool) -> None:
     """Run the whole DAG locally; print the run id, the gate decision and the registered version."""
     from captioner.pipelines.local import report_url, run_local
 
     _config(config_name, overrides)  # fail fast, with the field named, before any step starts
     record = run_local(config_name, list(overrides), pipeline_root=pipeline_root, model_repo=model_repo,
                        model_name=model_name, bleu4_floor=bleu4_floor, tolerance=tolerance, cache=not no_cache,
-                       serving_base_path=serving_base_path, allow_unscorable_champion=allow_unscorable_champion)
+                       serving_base_path=serving_base_path, allow_unscorable_champion=allow_unscorable_champion,
+                       extract_shards=extract_shards)
     gate = record["gate"]
     click.echo(f"run: {record['run_id']} ({record['seconds']:.1f}s)")
     click.echo(f"gate: {'passed' if gate['passed'] else 'rejected'}: {gate['reason']}")
@@ -524,12 +567,16 @@ Example:
   captioner pipeline submit --host https://kfp.example.com --image REGISTRY/captioner:TAG \\
       --config flickr8k --model-repo gs://BUCKET/models
   captioner pipeline submit --vertex --project PROJECT --region us-central1 --pipeline-root gs://BUCKET/root \\
-      --image REGISTRY/captioner:TAG --config my.yaml --model-repo gs://BUCKET/models""")
+      --image REGISTRY/captioner:TAG --config my.yaml --model-repo gs://BUCKET/models
+  captioner pipeline submit --vertex --project PROJECT --region us-central1 --pipeline-root gs://BUCKET/root \\
+      --image REGISTRY/captioner:TAG --train-replicas 4 --extract-shards 8 --model-repo gs://BUCKET/models""")
 @_cloud_options
 @_pipeline_options
+@_scale_options
+@click.option("--extract-shards", type=click.IntRange(min=1), default=None, help=EXTRACT_SHARDS_HELP)
 def pipeline_submit(host, vertex, project, region, pipeline_root, service_account, experiment, package, image,
                     accelerator_type, accelerator_count, config_name, overrides, model_repo, model_name,
-                    bleu4_floor, tolerance, allow_unscorable_champion) -> None:
+                    bleu4_floor, tolerance, allow_unscorable_champion, extract_shards, **scale_options) -> None:
     """Submit one run to Kubeflow Pipelines (--host) or Vertex AI Pipelines (--vertex)."""
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
@@ -538,12 +585,15 @@ def pipeline_submit(host, vertex, project, region, pipeline_root, service_accoun
                           overrides=overrides, model_repo=model_repo, model_name=model_name, bleu4_floor=bleu4_floor,
                           tolerance=tolerance, accelerator_type=accelerator_type,
                           accelerator_count=accelerator_count, allow_unscorable_champion=allow_unscorable_champion,
-                          package=package, image=image)
+                          package=package, image=image, extract_shards=extract_shards)
+    scale = _train_scale(scale_options, vertex=vertex, package=package)
     if vertex:
         name = deploy.submit_vertex(project, region, pipeline_root, params, experiment=experiment,
-                                    service_account=service_account, package=package, image=image or DEFAULT_IMAGE)
+                                    service_account=service_account, package=package, image=image or DEFAULT_IMAGE,
+                                    scale=scale)
     else:
-        name = deploy.submit_kfp(host, params, experiment=experiment, package=package, image=image or DEFAULT_IMAGE)
+        name = deploy.submit_kfp(host, params, experiment=experiment, package=package, image=image or DEFAULT_IMAGE,
+                                 scale=scale)
     click.echo(f"submitted: {name}")
 
 
@@ -556,9 +606,12 @@ Example:
               help="Name of the recurring run (KFP) or schedule (Vertex).")
 @_cloud_options
 @_pipeline_options
+@_scale_options
+@click.option("--extract-shards", type=click.IntRange(min=1), default=None, help=EXTRACT_SHARDS_HELP)
 def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeline_root, service_account, experiment,
                       package, image, accelerator_type, accelerator_count, config_name, overrides, model_repo,
-                      model_name, bleu4_floor, tolerance, allow_unscorable_champion) -> None:
+                      model_name, bleu4_floor, tolerance, allow_unscorable_champion, extract_shards,
+                      **scale_options) -> None:
     """Schedule recurring retraining: a KFP recurring run or a Vertex PipelineJobSchedule."""
     from captioner.pipelines import deploy
     from captioner.pipelines.pipeline import DEFAULT_IMAGE
@@ -567,14 +620,15 @@ def pipeline_schedule(cron, schedule_name, host, vertex, project, region, pipeli
                           overrides=overrides, model_repo=model_repo, model_name=model_name, bleu4_floor=bleu4_floor,
                           tolerance=tolerance, accelerator_type=accelerator_type,
                           accelerator_count=accelerator_count, allow_unscorable_champion=allow_unscorable_champion,
-                          package=package, image=image, cron=cron)
+                          package=package, image=image, cron=cron, extract_shards=extract_shards)
+    scale = _train_scale(scale_options, vertex=vertex, package=package)
     if vertex:
         name = deploy.schedule_vertex(project, region, pipeline_root, cron, params, name=schedule_name,
                                       service_account=service_account, package=package,
-                                      image=image or DEFAULT_IMAGE)
+                                      image=image or DEFAULT_IMAGE, scale=scale)
     else:
         name = deploy.schedule_kfp(host, cron, params, experiment=experiment, name=schedule_name, package=package,
-                                   image=image or DEFAULT_IMAGE)
+                                   image=image or DEFAULT_IMAGE, scale=scale)
     click.echo(f"scheduled: {name} ({cron})")
 
 
