@@ -11,8 +11,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from captioner.config import Config, ModelConfig, config_from_dict
-from captioner.constants import CHECKPOINT_DIR, PAD_ID
+from captioner.constants import CHECKPOINT_DIR, METRICS_CSV, PAD_ID
 from captioner.data.readers import CaptionDataset
 from captioner.data.tokenizer import Tokenizer
-from captioner.errors import ModelError
+from captioner.errors import ConfigError, ModelError
 from captioner.features.extract import FLIP_SUFFIX, FeatureStore
 from captioner.io_utils import atomic_write_json
 from captioner.tracking import ExperimentTracker, set_global_seed
@@ -105,9 +108,15 @@ def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed:
 
 
 # -- model, loss, schedule ---------------------------------------------------------------------
+_MULTI_WORKER = None  # the process's MultiWorkerMirroredStrategy: TensorFlow allows one, made first
+
+
 def make_strategy(name: str):
+    """The ``train.distribute`` strategy. ``multi_worker`` reads the cluster from ``TF_CONFIG`` and must
+    be made before any other TensorFlow op runs in the process (``run_training`` does so first)."""
     import tensorflow as tf
 
+    global _MULTI_WORKER
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -115,8 +124,57 @@ def make_strategy(name: str):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        if _MULTI_WORKER is None:
+            worker_role(name)  # a malformed TF_CONFIG is named here rather than deep inside TensorFlow
+            _MULTI_WORKER = tf.distribute.MultiWorkerMirroredStrategy()
+        return _MULTI_WORKER
     raise ModelError(f"unknown strategy {name!r}", field="train.distribute")
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a multi-worker cluster. Only the chief writes the run; the others
+    write into a temporary folder that is removed, as the TensorFlow multi-worker guide has it."""
+
+    chief: bool = True
+    task: str = "chief"
+    num_workers: int = 1
+
+
+def worker_role(distribute: str) -> WorkerRole:
+    """The role ``TF_CONFIG`` gives this process under ``train.distribute=multi_worker``: the task of
+    type ``chief``, else worker 0, is the chief. Without ``multi_worker`` or ``TF_CONFIG`` it is alone."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if distribute != "multi_worker" or not raw:
+        return WorkerRole()
+    try:
+        config = json.loads(raw)
+        cluster, task = config["cluster"], config["task"]
+        kind, index = task["type"], int(task["index"])
+        addresses = cluster[kind]
+        if not isinstance(addresses, list) or not 0 <= index < len(addresses):
+            raise ValueError(f"task index {index} is not in the cluster's {len(addresses)} {kind} address(es)")
+    except (ValueError, TypeError, KeyError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError('TF_CONFIG must be JSON like {"cluster": {"worker": ["host:port", ...]}, "task": '
+                          f'{{"type": "worker", "index": 0}}}} ({detail})', field="TF_CONFIG") from None
+    if kind not in ("chief", "worker"):
+        raise ConfigError(f"TF_CONFIG task type {kind!r}: train.distribute=multi_worker runs chief and worker "
+                          "tasks only", field="TF_CONFIG")
+    chief = kind == "chief" or (index == 0 and "chief" not in cluster)
+    workers = sum(len(cluster.get(k) or []) for k in ("chief", "worker"))
+    return WorkerRole(chief=chief, task=f"{kind}:{index}", num_workers=workers)
+
+
+def check_distribute(cfg: Config) -> None:
+    """Refuse, before anything is written, what the chosen strategy cannot run."""
+    if cfg.train.distribute == "multi_worker" and cfg.scst.enabled and cfg.scst.epochs > 0:
+        # SCST's own loop samples and scores whole batches in each process, outside the strategy's
+        # input sharding, and checkpoints with tf.train.CheckpointManager from every process: across
+        # workers it would repeat the work on each and race on its files.
+        raise ConfigError("scst.enabled=true is not supported with train.distribute=multi_worker: train on "
+                          "several workers with --set scst.enabled=false, or on one machine with SCST",
+                          field="scst.enabled")
 
 
 def _loss_class():
@@ -235,7 +293,9 @@ def averaged_weights(model):
 
 # -- callbacks -----------------------------------------------------------------------------------
 def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: CaptionPairs,
-               dev_refs: dict[str, list[str]], tokenizer: Tokenizer, progress: bool):
+               dev_refs: dict[str, list[str]], tokenizer: Tokenizer, progress: bool, resume_dir: Path | None = None):
+    """``model_dir``: where this process writes; ``resume_dir``: the run whose backup it restores
+    (the chief's, for a worker writing into its temporary folder; default ``model_dir``)."""
     import keras
     import tensorflow as tf
 
@@ -281,6 +341,8 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
             logs = logs if logs is not None else {}
             with averaged_weights(self.model):
                 self._select(epoch, logs)
+            # Under multi_worker every worker decides alone, from the same weights and the chief's
+            # history: all stop after the same epoch, as the strategy's collectives need.
             if epoch + 1 - self.best_epoch >= patience:
                 print(f"early stop: no dev improvement for {patience} epoch(s)", flush=True)
                 self.model.stop_training = True
@@ -313,8 +375,27 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
             if epoch + 1 == self.kill_epoch:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    class RestoreFrom(keras.callbacks.BackupAndRestore):
+        """Keras' BackupAndRestore, restoring from another folder than it saves to: every worker must
+        start from the chief's backup (on storage they all see), and only the chief may overwrite it."""
+
+        def __init__(self, backup_dir: Path, restore_dir: Path):
+            super().__init__(str(backup_dir), delete_checkpoint=False)
+            self.restore_paths = (str(restore_dir / "latest.weights.h5"), str(restore_dir / "training_metadata.json"))
+
+        def on_train_begin(self, logs=None):
+            own = self._weights_path, self._training_metadata_path
+            self._weights_path, self._training_metadata_path = self.restore_paths
+            try:
+                super().on_train_begin(logs)
+            finally:
+                self._weights_path, self._training_metadata_path = own
+
+    backup = ckpt / "backup"
+    restore = (resume_dir / CHECKPOINT_DIR / "backup") if resume_dir is not None else backup
     callbacks = [DevSelection(),
-                 keras.callbacks.BackupAndRestore(str(ckpt / "backup"), delete_checkpoint=False),
+                 (keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False) if restore == backup
+                  else RestoreFrom(backup, restore)),
                  keras.callbacks.TensorBoard(str(tracker.log_dir), update_freq="epoch",
                                              write_graph=False, profile_batch=0)]
     if os.environ.get(KILL_AFTER_EPOCH_ENV):
@@ -323,15 +404,93 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
 
 
 # -- the training step ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _keras_multi_worker(model, element_spec) -> Iterator[None]:
+    """Work around two places where Keras 3's ``fit`` breaks under MultiWorkerMirroredStrategy.
+
+    * It builds the model from a first batch averaged over the replicas with ``strategy.reduce``,
+      which refuses a nested batch ("Attempt to convert a value (PerReplica...) to a Tensor"); the
+      input's element spec gives the shapes and dtypes, which is all the build needs.
+    * It averages each step's logs over the workers with ``strategy.reduce("MEAN", v, axis=0)``,
+      which fails on the scalar losses ("Invalid reduction dimension 0 for input with 0 dimensions");
+      scalars are averaged with ``axis=None`` instead.
+    """
+    from keras import tree
+    from keras.src.backend.tensorflow import trainer as keras_tf
+
+    def build(iterator=None, data_batch=None):
+        with model.distribute_strategy.scope():
+            model._symbolic_build(data_batch=element_spec)
+
+    original = keras_tf.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction="auto"):
+        if reduction not in ("auto", "mean") or not keras_tf._collective_all_reduce_multi_worker(strategy):
+            return original(values, strategy, reduction=reduction)
+
+        def mean(value):
+            local = strategy.experimental_local_results(value)[0] if keras_tf._is_per_replica_instance(value) \
+                else value
+            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction=reduction)
+
+        return tree.map_structure(mean, values)
+
+    model._maybe_symbolic_build = build
+    keras_tf.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        keras_tf.reduce_per_replica = original
+        del model._maybe_symbolic_build
+
+
+@contextlib.contextmanager
+def _worker_folder(role: WorkerRole, model_dir: Path, seed: int, fresh: bool) -> Iterator[ExperimentTracker]:
+    """A tracker in a temporary folder (removed afterwards) for a worker that is not the chief,
+    starting from the chief's metrics so far (unless ``fresh``), so that its early stopping and input
+    order agree with the chief's."""
+    import hashlib
+
+    # A killed worker cannot remove its folder: the next start of the same task of the same run does.
+    run_key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:12]
+    prefix = f"captioner-{role.task.replace(':', '-')}-{run_key}-"
+    for stale in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        if stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.getuid():
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        if not fresh and (model_dir / METRICS_CSV).is_file():
+            shutil.copyfile(model_dir / METRICS_CSV, Path(scratch) / METRICS_CSV)
+        yield ExperimentTracker(scratch, seed=seed)
+
+
 def train_model(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: FeatureStore,
-                model_dir: Path | str, tracker: ExperimentTracker | None = None, progress: bool = True):
-    """Fit a model on the train split, select on dev, save the selected weights to ``model_dir``."""
+                model_dir: Path | str, tracker: ExperimentTracker | None = None, progress: bool = True,
+                *, fresh: bool = False):
+    """Fit a model on the train split, select on dev, save the selected weights to ``model_dir``.
+
+    Under ``train.distribute=multi_worker`` every worker runs this with the same ``model_dir`` (on
+    storage they all see): the chief writes there; the others resume from it (unless ``fresh``: the
+    chief is starting the run over) and write into a temporary folder that is removed.
+    """
+    check_distribute(cfg)
+    model_dir = Path(model_dir)
+    role = worker_role(cfg.train.distribute)
+    if role.chief:
+        tracker = tracker or ExperimentTracker(model_dir, seed=cfg.train.seed)
+        return _train(cfg, dataset, tokenizer, store, model_dir, model_dir, tracker, progress)
+    with _worker_folder(role, model_dir, cfg.train.seed, fresh) as scratch:
+        return _train(cfg, dataset, tokenizer, store, scratch.run_dir, None if fresh else model_dir, scratch,
+                      progress)
+
+
+def _train(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: FeatureStore, model_dir: Path,
+           resume_dir: Path | None, tracker: ExperimentTracker, progress: bool):
     import keras
 
     from captioner.model.captioner import build_model
 
-    model_dir = Path(model_dir)
-    tracker = tracker or ExperimentTracker(model_dir, seed=cfg.train.seed)
     set_global_seed(cfg.train.seed)
     max_length = cfg.tokenizer.max_length
     train = caption_pairs(dataset, "train", tokenizer, store, max_length, flip=cfg.features.flip_train)
@@ -339,6 +498,8 @@ def train_model(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, stor
     regions, dim = train.features.shape[1:]
     spec = ModelSpec(tokenizer.vocab_size, int(regions), int(dim), asdict(cfg.model), cfg.to_dict())
     strategy = make_strategy(cfg.train.distribute)
+    tracker.extra["distribute"] = {"strategy": cfg.train.distribute, "replicas": strategy.num_replicas_in_sync,
+                                   "workers": worker_role(cfg.train.distribute).num_workers}
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
@@ -349,16 +510,21 @@ def train_model(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, stor
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     history = tracker.history()
+    # train.batch_size is the global batch: the strategy splits each batch between its replicas.
     train_ds = input_pipeline(train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                               first_epoch=len(history))
     dev_ds = input_pipeline(dev, 256, shuffle=False, seed=0)
-    callbacks = _callbacks(cfg, model_dir, tracker, dev, dataset.split_captions("dev"), tokenizer, progress)
+    callbacks = _callbacks(cfg, model_dir, tracker, dev, dataset.split_captions("dev"), tokenizer, progress,
+                           resume_dir)
     # A run whose training finished (even by early stopping) but failed later, e.g. at export,
     # must not train again when it is resumed.
     finished = model_dir / CHECKPOINT_DIR / "TRAINING_FINISHED"
-    if cfg.train.epochs > 0 and not finished.is_file():
+    done_before = resume_dir is not None and (resume_dir / CHECKPOINT_DIR / "TRAINING_FINISHED").is_file()
+    if cfg.train.epochs > 0 and not done_before:
         # Keras' own epoch line would repeat DevSelection's (one line per epoch, with dev BLEU-4).
-        model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
+        with (_keras_multi_worker(model, train_ds.element_spec) if cfg.train.distribute == "multi_worker"
+              else contextlib.nullcontext()):
+            model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
     finished.parent.mkdir(parents=True, exist_ok=True)
     finished.write_text(f"{len(tracker.history())} epochs\n")
     best = model_dir / CHECKPOINT_DIR / "best.weights.h5"

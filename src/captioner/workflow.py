@@ -327,8 +327,10 @@ def _check_fresh(output: Path, cfg: Config, restart: bool = False) -> dict[str, 
     return previous
 
 
-def _check_same_data(output: Path, dataset: CaptionDataset, cfg: Config, previous: dict[str, Any] | None) -> None:
-    """On resume, the data must be what the run started on; records it on a first start."""
+def _check_same_data(output: Path, dataset: CaptionDataset, cfg: Config, previous: dict[str, Any] | None,
+                     record: bool = True) -> None:
+    """On resume, the data must be what the run started on; records it on a first start (``record``:
+    a worker that is not the chief only checks)."""
     state = _run_state(output)
     fingerprint = dataset.fingerprint()
     recorded = state.get("dataset", {}).get("fingerprint")
@@ -342,6 +344,8 @@ def _check_same_data(output: Path, dataset: CaptionDataset, cfg: Config, previou
         raise ResumeError(f"the data set differs from the one this run started on{moved}: fingerprint "
                           f"{recorded} -> {fingerprint}; use the run's data, --restart, or a new --output",
                           field="data.root", path=str(output))
+    if not record:
+        return
     state.setdefault("dataset", {"name": dataset.name, "fingerprint": fingerprint})
     if changes:
         state.setdefault("resumes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -358,7 +362,15 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restar
     """
     from captioner.export import export_saved_model
     from captioner.features.backbones import build_backbone
+    from captioner.train import check_distribute, make_strategy, worker_role
+
     output = Path(output)
+    check_distribute(cfg)
+    role = worker_role(cfg.train.distribute)
+    if cfg.train.distribute == "multi_worker":
+        make_strategy(cfg.train.distribute)  # TensorFlow configures collective ops only before any other op
+    if not role.chief:
+        return _run_worker(cfg, output, role, fresh=restart or not resume, progress=progress)
     previous = _check_fresh(output, cfg, restart=restart or not resume)
     tracker = ExperimentTracker(output, seed=cfg.train.seed)
     if previous is None:
@@ -366,7 +378,7 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restar
     else:
         tracker.config = cfg.to_dict()  # saved once the data is known to be the run's own
     try:
-        with tracker.time("data"):
+        with tracker.time("data"), _prepare_lock(cfg):
             dataset = load_data(cfg)
         _check_same_data(output, dataset, cfg, previous)
     except ResumeError:
@@ -387,7 +399,7 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restar
                                     "missing_images": dataset.missing_images}
         with tracker.time("tokenize"):
             tokenizer = tokenize_step(cfg, dataset, output)
-        with tracker.time("extract"):
+        with tracker.time("extract"), _prepare_lock(cfg):
             store = extract_step(cfg, dataset, progress=progress)
         model, cfg = fit_and_tune(cfg, dataset, tokenizer, store, output, tracker, progress)
         with tracker.time("evaluate"):
@@ -405,6 +417,51 @@ def run_training(cfg: Config, output: Path | str, *, resume: bool = True, restar
         tracker.fail(exc)
         raise
     return tracker.summary()
+
+
+@contextlib.contextmanager
+def _prepare_lock(cfg: Config):
+    """Under multi_worker, workers sharing this machine's cache read (or generate) the data and extract
+    features one at a time: the second finds them ready instead of generating the synthetic data set
+    again under the first one's feet. Workers on other machines, with their own cache, do not wait."""
+    import fcntl
+
+    if cfg.train.distribute != "multi_worker":
+        yield
+        return
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".multi-worker-prepare.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. a network file system without flock
+            log.warning("cannot lock %s (%s): preparing data without a lock", root, exc)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_worker(cfg: Config, output: Path, role, *, fresh: bool, progress: bool) -> dict:
+    """A multi-worker task that is not the chief: it trains in step with the chief (resuming from the
+    chief's checkpoint in ``output``, which every worker must see, unless ``fresh``) and writes nothing
+    there; evaluation, export and the run's files are the chief's. It checks what the chief checks
+    first, so that a run the chief refuses fails here too rather than wait for the chief forever."""
+    from captioner.train import train_model
+
+    previous = None if fresh or not is_run_folder(output) else _check_fresh(output, cfg)
+    with _prepare_lock(cfg):
+        dataset = load_data(cfg)
+        if previous is not None:
+            _check_same_data(output, dataset, cfg, previous, record=False)
+        captions = [c for image in dataset.splits["train"] for c in dataset.captions[image]]
+        tokenizer = Tokenizer.fit(captions, min_count=cfg.tokenizer.min_count, max_size=cfg.tokenizer.max_size)
+        store = extract_step(cfg, dataset, progress=progress)
+    train_model(cfg, dataset, tokenizer, store, output, progress=progress, fresh=fresh)
+    if progress:
+        print(f"{role.task}: training done; the chief writes the run into {output}", flush=True)
+    return {"status": "worker", "task": role.task, "run_dir": str(output), "final_metrics": {}}
 
 
 
