@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.abc
 import importlib.util
 import json
@@ -39,34 +38,11 @@ _TF_LOAD_NOISE = re.compile(
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\] ")
 
 
-@contextlib.contextmanager
 def _without_load_noise():
-    """Run the body with file descriptor 2 captured, then write back all but ``_TF_LOAD_NOISE`` lines.
+    """The body's stderr without ``_TF_LOAD_NOISE`` lines (see ``io_utils.filtered_stderr``)."""
+    from captioner.io_utils import filtered_stderr
 
-    At the descriptor because the lines come from C++ (Python's ``sys.stderr`` never sees them). A
-    temporary file, not a pipe, so that a long output cannot block the writer.
-    """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no stderr to protect
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if not _TF_LOAD_NOISE.match(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    return filtered_stderr(_TF_LOAD_NOISE)
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
@@ -122,7 +98,9 @@ def _quiet_tensorflow() -> None:
                    "Also CAPTIONER_VERBOSE=1.")
 def cli(verbose: bool) -> None:
     """Train, evaluate, export and run attention-based image-captioning models."""
-    if not verbose:
+    if verbose:
+        os.environ["CAPTIONER_VERBOSE"] = "1"  # the library's own quieting (e.g. the PTB tokenizer) reads it
+    else:
         _quiet_tensorflow()
 
 
@@ -288,7 +266,6 @@ Example:
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help=TRAINED_MODEL_HELP)
 @click.option("--config", "config_name", default=None,
               help="Evaluate on this config's data (default: the config the model was trained with).")
-
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--split", type=click.Choice(["test", "dev"]), default=None,
               help="Which split to score (default: the config's eval.split, usually test).")

@@ -8,14 +8,19 @@ BLEU is reported beside, for comparison with papers that use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from captioner.data.tokenizer import normalize
+from captioner.io_utils import filtered_stderr
 
 log = logging.getLogger(__name__)
+_PTB_STATUS = re.compile(r"PTBTokenizer tokenized \d+ tokens at [\d.]+ tokens per second\.\s*$")
 METRIC_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 
 
@@ -28,8 +33,11 @@ def _tokenize(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, 
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tokenizer = PTBTokenizer()
-        refs = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
-        hyps = tokenizer.tokenize({k: [{"caption": hypotheses[k]}] for k in references})
+        # The Java tokenizer reports "PTBTokenizer tokenized N tokens at ..." on stderr every call.
+        quiet = filtered_stderr(_PTB_STATUS) if not os.environ.get("CAPTIONER_VERBOSE") else contextlib.nullcontext()
+        with quiet:
+            refs = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+            hyps = tokenizer.tokenize({k: [{"caption": hypotheses[k]}] for k in references})
         return refs, hyps
     refs = {k: [" ".join(normalize(c)) for c in v] for k, v in references.items()}
     hyps = {k: [" ".join(normalize(hypotheses[k]))] for k in references}

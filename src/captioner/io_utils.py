@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -141,3 +143,32 @@ def atomic_directory(path: Path | str, owned: Callable[[Path], bool] | None = No
             shutil.rmtree(tmp, ignore_errors=True)
         if holder is not None:
             shutil.rmtree(holder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: re.Pattern[str]) -> Iterator[None]:
+    """Run the body with file descriptor 2 captured, then write back every line that ``noise`` does
+    not match. At the descriptor because the lines come from C++ or a child process (Java), which
+    Python's ``sys.stderr`` never sees; into a temporary file, not a pipe, so a long output cannot
+    block the writer. Errors still reach the user, after the body."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to protect
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not noise.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

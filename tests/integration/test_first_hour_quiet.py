@@ -29,6 +29,7 @@ NOISE = {
     "Python warning": re.compile(r"\w+Warning: "),
     "Meteor.__del__ traceback": re.compile(r"Meteor\.__del__|object has no attribute 'stdin'|Exception ignored"),
     "traceback": re.compile(r"Traceback \(most recent call last\)"),
+    "PTB tokenizer status": re.compile(r"PTBTokenizer tokenized"),
 }
 
 
