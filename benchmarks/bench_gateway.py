@@ -12,6 +12,12 @@
         --image ../shared/data/flickr8k/images/1000268201_693b08cb0e.jpg
 
 Prints the figures and saves them to benchmarks/results/gateway-<date>.json.
+
+``--mode batching`` (issue #11) measures instead, in one run, the same server (``--threads``
+16 by default, so that 16 requests are in flight at once) with ``CAPTIONER_BATCHING=on`` and
+``off``: throughput, p50 and p99 at 1 and 16 concurrent clients, errors, and whether every caption
+(and n-best list) equals the library's unbatched decoding of the image. Saved to
+benchmarks/results/gateway-batching-<date>.json.
 """
 
 from __future__ import annotations
@@ -61,7 +67,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def load(url: str, image: bytes, clients: int, seconds: float, form: dict) -> dict:
+def load(url: str, image: bytes, clients: int, seconds: float, form: dict, answers: list | None = None) -> dict:
+    """``clients`` threads posting ``image`` for ``seconds``; with ``answers``, each 200's caption and
+    n-best captions are appended to it."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     lock = threading.Lock()
@@ -71,15 +79,21 @@ def load(url: str, image: bytes, clients: int, seconds: float, form: dict) -> di
         session = requests.Session()
         while time.monotonic() < stop:
             start = time.perf_counter()
+            body = None
             try:
-                status = session.post(url + "/predict", files={"file": ("x.jpg", image, "image/jpeg")},
-                                      data=form, timeout=60).status_code
+                response = session.post(url + "/predict", files={"file": ("x.jpg", image, "image/jpeg")},
+                                         data=form, timeout=60)
+                status = response.status_code
+                if answers is not None and status == 200:
+                    body = response.json()
             except requests.RequestException:
                 status = 0
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
                 statuses[status] = statuses.get(status, 0) + 1
+                if body is not None:
+                    answers.append((body["caption"], tuple(n["caption"] for n in body["nbest"])))
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     begun = time.perf_counter()
@@ -95,17 +109,101 @@ def load(url: str, image: bytes, clients: int, seconds: float, form: dict) -> di
             "statuses": {str(k): v for k, v in statuses.items()}}
 
 
+def start_server(repo_dir: Path, args, **env: str) -> tuple[subprocess.Popen, str]:
+    """``captioner serve`` on a free port, once ready."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--model-repo", str(repo_dir),
+                               "--port", str(port), "--workers", str(args.workers), "--threads", str(args.threads)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "CAPTIONER_POLL_SECONDS": "1", "CAPTIONER_LOG_REQUESTS": "0", **env})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/ready", timeout=2).status_code == 200:
+                return server, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    server.terminate()
+    raise SystemExit("gateway did not become ready")
+
+
+def batching_comparison(args) -> None:
+    """Issue #11: the same server with batching on and off, 1 and 16 clients, in one run."""
+    from captioner.data.images import load_image
+    from captioner.predictor import SavedModelCaptioner
+    from captioner.registry import ModelRepository
+
+    image = args.image.read_bytes()
+    form = {"algorithm": "beam", "beam_size": str(args.beam_size)}
+    runner = SavedModelCaptioner(args.saved_model)
+    library = runner.caption_pixels(load_image(image, runner.image_size)[None], beam_size=args.beam_size)[0]
+    expected = (library.caption, tuple(text for text, _ in library.nbest))
+    del runner
+    repo_dir = Path(tempfile.mkdtemp(prefix="bench-repo-"))
+    ModelRepository(repo_dir).publish("captioner", args.saved_model, {"metrics": {}})
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "saved_model": str(args.saved_model),
+                     "image": args.image.name, "beam_size": args.beam_size, "workers": args.workers,
+                     "threads": args.threads, "seconds": args.seconds, "library_caption": library.caption,
+                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {}}
+    try:
+        for batching in ("on", "off"):
+            server, url = start_server(repo_dir, args, CAPTIONER_BATCHING=batching)
+            try:
+                session = requests.Session()
+                for _ in range(5):  # warm up: first calls trace the preprocessing for this image size
+                    session.post(url + "/predict", files={"file": ("x.jpg", image)}, data=form, timeout=120)
+                load(url, image, 16, 3, form)
+                runs = {}
+                for clients in (1, 16):
+                    answers: list = []
+                    run = load(url, image, clients, args.seconds, form, answers)
+                    run["captions_identical"] = bool(answers) and all(a == expected for a in answers)
+                    run["distinct_answers"] = len(set(answers))
+                    runs[str(clients)] = run
+                    print(f"batching {batching}", json.dumps(run), flush=True)
+                results["runs"][batching] = runs
+            finally:
+                server.terminate()
+                server.wait(30)
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+    on, off = results["runs"]["on"], results["runs"]["off"]
+    results["summary"] = {
+        "scaling_on_16_vs_1": round(on["16"]["throughput_rps"] / on["1"]["throughput_rps"], 2),
+        "scaling_off_16_vs_1": round(off["16"]["throughput_rps"] / off["1"]["throughput_rps"], 2),
+        "throughput_16_on_vs_off": round(on["16"]["throughput_rps"] / off["16"]["throughput_rps"], 2),
+        "p99_16_on_ms": on["16"]["p99_ms"], "p99_16_off_ms": off["16"]["p99_ms"],
+        "p50_1_on_vs_off": round(on["1"]["p50_ms"] / off["1"]["p50_ms"], 3),
+        "errors": sum(r["errors"] for runs in results["runs"].values() for r in runs.values()),
+        "captions_identical": all(r["captions_identical"] for runs in results["runs"].values()
+                                  for r in runs.values())}
+    print("summary", json.dumps(results["summary"]), flush=True)
+    out = Path(__file__).resolve().parent / "results" / f"gateway-batching-{results['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--saved-model", type=Path, required=True)
     parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--mode", choices=("gateway", "batching"), default="gateway")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="per worker (default 4; 16 with --mode batching)")
+    parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--soak", type=float, default=60)
     parser.add_argument("--fuzz", type=int, default=5000)
     args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 16 if args.mode == "batching" else 4
+    if args.mode == "batching":
+        batching_comparison(args)
+        return
 
     from captioner.serving.hostile import fuzz_payloads
 

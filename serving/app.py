@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     # backend that never calls them works unchanged).
     backend.on_call = metrics.observe_call
     backend.on_decode = metrics.observe_decode
+    backend.on_batch, backend.on_queue = metrics.observe_batch, metrics.observe_queue  # local backend, batching
     backend.start()
     api_keys = settings.keys
     app.extensions["captioner"] = {"settings": settings, "backend": backend, "metrics": metrics}

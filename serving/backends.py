@@ -2,7 +2,9 @@
 
 * ``LocalBackend``: the SavedModel loaded in-process from the model repository (or one folder). A
   poller thread loads a newer version, warms it up, then swaps the reference; a request keeps the
-  model object it started with, so a swap never fails a request in flight.
+  model object it started with, so a swap never fails a request in flight. With batching on
+  (``serving/batching.py``), concurrent requests to one version are encoded together and advance
+  together in one shared decode loop; off, each request decodes alone in one graph call.
 * ``TFServingBackend``: TensorFlow Serving over gRPC (``PredictionService`` for ``encode``/
   ``decode_step``/``metadata``, ``ModelService.GetModelStatus`` for readiness): one long-lived
   channel, a deadline per request, retries on UNAVAILABLE, the request id sent as metadata. Beam
@@ -11,7 +13,8 @@
   when the request starts.
 
 Both give ``snapshot()``: the version a request uses, its metadata and a ``caption`` bound to it; and
-both call ``on_call(signature, seconds)`` / ``on_decode(steps)`` when set (metrics).
+both call ``on_call(signature, seconds)`` / ``on_decode(steps)`` when set (metrics); the local
+backend with batching also ``on_batch(signature, rows)`` and ``on_queue(seconds)``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class DecodeRequest:
 
 CallHook = Callable[[str, float], None]     # (signature name, seconds) after each model call
 DecodeHook = Callable[[int], None]          # decode steps of one request
+BatchHook = Callable[[str, int], None]      # (signature, rows) of each batched model call
+QueueHook = Callable[[float], None]         # seconds a request waited for the batch scheduler
 
 
 @dataclass
@@ -109,16 +114,21 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, model_repo: str = "", model_name: str = "captioner", model_dir: str = "",
-                 poll_seconds: float = 5.0):
+                 poll_seconds: float = 5.0, batching: bool = False, batch_max_size: int = 128,
+                 batch_timeout_ms: float = 1.0):
         self.model_repo, self.model_name, self.model_dir = model_repo, model_name, model_dir
         self.poll_seconds = poll_seconds
+        self.batching, self.batch_max_size, self.batch_timeout_ms = batching, batch_max_size, batch_timeout_ms
         self._lock = threading.Lock()
-        self._current: tuple[Any, str] | None = None  # (SavedModelCaptioner, version)
+        # (SavedModelCaptioner, version, its BatchScheduler or None): a request keeps all three.
+        self._current: tuple[Any, str, Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.on_call: CallHook | None = None
         self.on_decode: DecodeHook | None = None
+        self.on_batch: BatchHook | None = None
+        self.on_queue: QueueHook | None = None
 
     # -- loading ---------------------------------------------------------------------------------
     def _target(self) -> tuple[str, str] | None:
@@ -188,17 +198,37 @@ class LocalBackend:
             model = SavedModelCaptioner(path)
             pixels = np.zeros((1, model.image_size, model.image_size, 3), np.uint8)
             model.caption_pixels(pixels, beam_size=int(model.metadata["beam_size"]))  # warm up before serving
+            scheduler = self._scheduler(model)
+            if scheduler is not None:  # its encode/decode_step calls too, alone and merged
+                for beam in {1, int(model.metadata["beam_size"])}:
+                    scheduler.warm_up(pixels, beam_size=beam, max_length=model.max_length,
+                                      length_penalty=float(model.metadata["length_penalty"]))
+                self._report(scheduler)  # from now on: the warm-up is no traffic
         except Exception as exc:
             self.last_error = f"cannot load version {version}: {type(exc).__name__}: {exc}"
             log.error(self.last_error)
             return False
         with self._lock:
-            self._current = (model, version)
+            self._current = (model, version, scheduler)
         self.last_error = None
         # The loaded model holds its variables and vocabulary in memory; the superseded copy can go.
         self._prune({version})
         log.info("serving %s version %s from %s", self.model_name, version, location)
         return True
+
+    def _scheduler(self, model):
+        """A batch scheduler for ``model`` (None: batching off); silent until ``_report``."""
+        if not self.batching:
+            return None
+        from captioner.serving.batching import BatchScheduler
+
+        return BatchScheduler(model, self.batch_max_size, self.batch_timeout_ms / 1000.0)
+
+    def _report(self, scheduler) -> None:
+        # Late-bound: the app sets the hooks after constructing the backend.
+        scheduler.on_call = lambda signature, seconds: self.on_call and self.on_call(signature, seconds)
+        scheduler.on_batch = lambda signature, rows: self.on_batch and self.on_batch(signature, rows)
+        scheduler.on_queue = lambda seconds: self.on_queue and self.on_queue(seconds)
 
     def start(self) -> LocalBackend:
         self.load_latest()
@@ -226,7 +256,7 @@ class LocalBackend:
         return (True, "model loaded") if self._current else (False, self.last_error or "no model loaded")
 
     def info(self) -> dict[str, Any]:
-        model, version = self._model()
+        model, version, _ = self._model()
         return {"model_name": self.model_name, "version": version, "backend": self.name, "metadata": model.metadata}
 
     @property
@@ -237,17 +267,23 @@ class LocalBackend:
         """The version served now, kept for the whole request (a swap does not change it)."""
         from captioner.predictor import results_from_decode
 
-        model, version = self._model()
+        model, version, scheduler = self._model()
 
         def caption(pixels: np.ndarray, request: DecodeRequest) -> list:
-            started = time.perf_counter()
-            out = model.decode_pixels(pixels, beam_size=request.beam_size, max_length=request.max_length,
-                                      length_penalty=request.length_penalty)
-            # encode and every decode_step run inside one in-process graph: one call to time.
-            if self.on_call is not None:
-                self.on_call(IN_PROCESS_DECODE, time.perf_counter() - started)
+            if scheduler is not None:
+                alpha = model.metadata["length_penalty"] if request.length_penalty is None else request.length_penalty
+                out, steps = scheduler.decode(pixels, beam_size=request.beam_size, max_length=request.max_length,
+                                              length_penalty=float(alpha))
+            else:
+                started = time.perf_counter()
+                out = model.decode_pixels(pixels, beam_size=request.beam_size, max_length=request.max_length,
+                                          length_penalty=request.length_penalty)
+                steps = int(out["tokens"].shape[-1])
+                # encode and every decode_step run inside one in-process graph: one call to time.
+                if self.on_call is not None:
+                    self.on_call(IN_PROCESS_DECODE, time.perf_counter() - started)
             if self.on_decode is not None:
-                self.on_decode(int(out["tokens"].shape[-1]))
+                self.on_decode(steps)
             return results_from_decode(out, model.vocab, request.with_attention)
 
         return ModelSnapshot(version, model.metadata, caption)
@@ -470,4 +506,7 @@ def make_backend(settings):
         return TFServingBackend(settings.tfserving_target, settings.model_name, settings.deadline_seconds,
                                 settings.retries, getattr(settings, "model_label", "stable"),
                                 getattr(settings, "model_version", 0))
-    return LocalBackend(settings.model_repo, settings.model_name, settings.model_dir, settings.poll_seconds)
+    return LocalBackend(settings.model_repo, settings.model_name, settings.model_dir, settings.poll_seconds,
+                        batching=getattr(settings, "batching", False),
+                        batch_max_size=getattr(settings, "batch_max_size", 128),
+                        batch_timeout_ms=getattr(settings, "batch_timeout_ms", 1.0))

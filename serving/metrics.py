@@ -24,6 +24,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 # One backend call (a signature) is much shorter than a request: finer buckets at the low end.
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 STEP_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60)
+# Rows (images x beams) of one batched model call; the default batch holds up to 128.
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Time in the batch scheduler's queue: about the batch timeout (1 ms) when idle, up to an encode call when busy.
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class GatewayMetrics:
@@ -53,6 +57,13 @@ class GatewayMetrics:
                                          ["signature"], buckets=CALL_BUCKETS, **kw)
         self.decode_steps = Histogram("captioner_decode_steps", "Decode steps per request", buckets=STEP_BUCKETS,
                                       **kw)
+        self.batch_rows = Histogram("captioner_batch_rows",
+                                    "Rows (images x beams) of one model call of the local backend's batch scheduler, "
+                                    "by signature (in_process_decode: a request decoded alone)",
+                                    ["signature"], buckets=BATCH_BUCKETS, **kw)
+        self.batch_queue = Histogram("captioner_batch_queue_seconds",
+                                     "Time a request waited in the batch scheduler's queue before it was encoded",
+                                     buckets=QUEUE_BUCKETS, **kw)
         self.start_time = time.time()
         self.started.set(self.start_time)
 
@@ -63,6 +74,14 @@ class GatewayMetrics:
     def observe_decode(self, steps: int) -> None:
         """Hook for backends (``backend.on_decode``): one request's search ran ``steps`` steps."""
         self.decode_steps.observe(int(steps))
+
+    def observe_batch(self, signature: str, rows: int) -> None:
+        """Hook for backends (``backend.on_batch``): one batched call of ``signature`` had ``rows`` rows."""
+        self.batch_rows.labels(str(signature)).observe(int(rows))
+
+    def observe_queue(self, seconds: float) -> None:
+        """Hook for backends (``backend.on_queue``): a request waited ``seconds`` to be scheduled."""
+        self.batch_queue.observe(float(seconds))
 
     def exposition(self) -> tuple[bytes, str]:
         self.uptime.set(time.time() - self.start_time)

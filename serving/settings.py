@@ -19,6 +19,10 @@ class Settings:
     model_name: str = "captioner"
     model_dir: str = ""                    # local backend: serve this SavedModel folder instead
     poll_seconds: float = 5.0              # local backend: how often to look for a new version
+    # local backend: concurrent requests share encode and decode_step calls (serving/batching.py)
+    batching: bool = True                  # CAPTIONER_BATCHING=on|off
+    batch_max_size: int = 128              # rows (images x beams) of one batched model call
+    batch_timeout_ms: float = 1.0          # how long an idle scheduler waits for more requests
     tfserving_target: str = "localhost:8500"
     model_label: str = "stable"            # tfserving backend: serve this version label (newest if unassigned)
     model_version: int = 0                 # tfserving backend: or pin this version number (0: use the label)
@@ -59,7 +63,13 @@ class Settings:
         settings = cls(**values)
         if settings.backend not in ("local", "tfserving"):
             raise ValueError(f"CAPTIONER_BACKEND={settings.backend!r}: expected local or tfserving")
-        for name in ("header_timeout_seconds", "client_timeout_seconds", "max_connections", "max_images"):
+        raw = environ.get("CAPTIONER_BATCHING")
+        if raw is not None and raw.strip().lower() not in _SWITCH:  # a typo must not switch it off silently
+            raise ValueError(f"CAPTIONER_BATCHING={raw!r}: expected on or off")
+        if settings.batch_timeout_ms < 0:
+            raise ValueError(f"CAPTIONER_BATCH_TIMEOUT_MS={settings.batch_timeout_ms!r}: must be 0 or more")
+        for name in ("header_timeout_seconds", "client_timeout_seconds", "max_connections", "max_images",
+                     "batch_max_size"):
             if getattr(settings, name) <= 0:  # 0 would cut every connection or accept none
                 raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be positive")
         limits = (("max_beam_size", C.MIN_BEAM_SIZE, C.MAX_BEAM_SIZE),
@@ -70,6 +80,9 @@ class Settings:
                 raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be between "
                                  f"{low} and {high}")
         return settings
+
+
+_SWITCH = ("1", "0", "true", "false", "yes", "no", "on", "off")
 
 
 def _parse(raw: str, f: dataclasses.Field) -> Any:

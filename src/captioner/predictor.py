@@ -107,6 +107,68 @@ def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int,
     return beam_search(step_fn, state, batch, beam_size, max_length, num_regions, length_penalty)
 
 
+class StepwiseSearch:
+    """One request's greedy or beam search, advanced one position at a time by a caller that runs the
+    ``decode_step`` itself, for the rows of many searches at once (the gateway's batch scheduler).
+
+    The update is ``decoding``'s (``greedy_advance_np``/``beam_advance_np``, the NumPy twins of the
+    in-graph updates, and the same ``greedy_result``/``beam_result``), so the result equals
+    ``decode_images`` on the same pixels with the same step outputs. Rows: ``images x beam_size``,
+    beams of an image adjacent; ``tokens``, ``position`` and ``features`` are this search's rows of
+    the next ``decode_step`` call. After ``advance``, the caller reorders the search's decode state
+    rows by the ``source`` it returns."""
+
+    def __init__(self, features: np.ndarray, *, beam_size: int, max_length: int, length_penalty: float,
+                 num_regions: int):
+        from captioner.model import decoding as D
+
+        self.images = int(features.shape[0])
+        self.beam_size, self.max_length = int(beam_size), int(max_length)
+        self.alpha = float(length_penalty)
+        self.rows = self.images * self.beam_size
+        self.features = np.repeat(np.asarray(features, np.float32), self.beam_size, axis=0)
+        self.tokens = np.full([self.rows], C.START_ID, np.int32)
+        self.t = 0
+        self.done = self.max_length <= 0
+        start = (D.greedy_start(self.images, num_regions) if self.beam_size == 1
+                 else D.beam_start(self.images, self.beam_size, num_regions))
+        self._search = {name: value.numpy() for name, value in start.items()}
+        self._penalty = D.penalties(self.max_length, self.alpha)
+
+    @property
+    def position(self) -> np.ndarray:
+        return np.full([self.rows], self.t, np.int32)
+
+    def advance(self, log_probs: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        """Take this search's ``log_probs [rows, V]`` and ``attention [rows, N]`` at position ``t``;
+        returns ``source [rows]``: the row (of this search) whose decode state each row continues."""
+        from captioner.model import decoding as D
+
+        if self.beam_size == 1:
+            self.tokens, self._search = D.greedy_advance_np(self._search, log_probs, attention, self.t)
+            source = np.arange(self.rows)
+            finished = self._search["finished"].all()
+        else:
+            self.tokens, source, self._search = D.beam_advance_np(
+                self._search, log_probs, attention, self.t, self.beam_size, self.max_length, self._penalty)
+            finished = self._search["done"].all()
+        self.t += 1
+        self.done = bool(finished) or self.t >= self.max_length
+        return source
+
+    def result(self) -> dict[str, np.ndarray]:
+        """``decode_images``' output for this request: ``tokens [B, K, T]``, ``scores [B, K]``, ..."""
+        import tensorflow as tf
+
+        from captioner.model import decoding as D
+
+        search = {name: tf.constant(value) for name, value in self._search.items()}
+        if self.beam_size == 1:
+            out = D.greedy_result(search, self.alpha)
+            return {k: v.numpy()[:, None] for k, v in out.items()}
+        return {k: v.numpy() for k, v in D.beam_result(search, self.beam_size, self.alpha).items()}
+
+
 class SavedModelCaptioner:
     """Runs an exported SavedModel in-process with the library's preprocessing and decoders."""
 
@@ -133,21 +195,24 @@ class SavedModelCaptioner:
         self._step = self.loaded.signatures[C.SIG_DECODE_STEP]
         self._decoders: dict[tuple, Callable] = {}
 
+    def encode(self, pixels):
+        """The ``encode`` signature: ``pixels [B, S, S, 3]`` uint8 -> ``features [B, N, F]`` (a tensor)."""
+        return self._encode(**{C.IN_IMAGES: pixels})[C.OUT_FEATURES]
+
+    def decode_step(self, features, tokens, state, position) -> tuple:
+        """The ``decode_step`` signature -> ``(log_probs, attention, state)`` (tensors)."""
+        out = self._step(**{C.IN_FEATURES: features, C.IN_TOKENS: tokens, C.IN_STATE: state,
+                            C.IN_POSITION: position})
+        return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
+
     def _decoder(self, beam_size: int, max_length: int, length_penalty: float) -> Callable:
         import tensorflow as tf
 
         key = (beam_size, max_length, length_penalty)
         if key not in self._decoders:
-            def encode(images):
-                return self._encode(**{C.IN_IMAGES: images})[C.OUT_FEATURES]
-
-            def step(features, tokens, state, position):
-                out = self._step(**{C.IN_FEATURES: features, C.IN_TOKENS: tokens, C.IN_STATE: state,
-                                    C.IN_POSITION: position})
-                return out[C.OUT_LOG_PROBS], out[C.OUT_ATTENTION], out[C.OUT_STATE]
-
             self._decoders[key] = tf.function(
-                lambda images: decode_images(encode, step, images, num_regions=int(self.metadata["num_regions"]),
+                lambda images: decode_images(self.encode, self.decode_step, images,
+                                             num_regions=int(self.metadata["num_regions"]),
                                              state_shape=self.metadata["state_shape"], beam_size=beam_size,
                                              max_length=max_length, length_penalty=length_penalty),
                 reduce_retracing=True)

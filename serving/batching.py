@@ -1,0 +1,290 @@
+"""Batching across requests for the local backend, as TF Serving's batch scheduler does for its clients.
+
+One scheduler thread per loaded model version owns every request's search:
+
+* a request waits in a queue; when the scheduler is idle it waits up to ``timeout_seconds`` for more
+  to arrive, then encodes every waiting request's images in one ``encode`` call (up to
+  ``max_batch_size`` decode rows, i.e. images x beams);
+* all active searches advance together: one ``decode_step`` call per iteration over every active
+  request's rows, each row at its own position (the export's fixed-size decoder state makes rows at
+  different positions stackable); each request then runs its own greedy/beam update
+  (``captioner.predictor.StepwiseSearch``, the decoders' own code) and leaves when it is done;
+* requests that arrive while others decode join at the next step, without waiting for them;
+* a request that finds nothing decoding and no other request within the batch timeout has nobody to
+  share steps with: it is decoded in its caller's thread in one graph call, as with batching off
+  (stepping in Python costs more per step than the in-graph loop; ``alone_when_idle=False`` turns
+  this off).
+
+A request's caption is the one it gets alone: its rows never mix with other rows, and its search
+stops on its own rule (as ``decode_images`` stops), whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+# The signature name under which a request decoded alone in one graph call is timed (as the local
+# backend without batching times it).
+IN_PROCESS_DECODE = "in_process_decode"
+
+CallHook = Callable[[str, float], None]        # (signature, seconds) of each model call
+BatchHook = Callable[[str, int], None]         # (signature, rows) of each model call
+QueueHook = Callable[[float], None]            # seconds a request waited before it was encoded
+
+
+@dataclass(eq=False)
+class _Job:
+    pixels: np.ndarray
+    beam_size: int
+    max_length: int
+    length_penalty: float
+    may_run_alone: bool = True
+    alone: bool = False         # set by the scheduler: decode it in the caller's thread
+    enqueued: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict | None = None
+    error: BaseException | None = None
+    steps: int = 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.pixels.shape[0]) * self.beam_size
+
+    def finish(self, result: dict | None = None, error: BaseException | None = None) -> None:
+        if self.done.is_set():  # answered already: a later failure of the loop is not this request's
+            return
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class BatchScheduler:
+    """Encode and decode concurrent requests of one model (a ``SavedModelCaptioner``) together.
+
+    ``decode(pixels, beam_size, max_length, length_penalty)`` blocks the calling thread until its
+    result (``decode_images``' output) is ready. The scheduler thread starts on the first request and
+    ends after ``idle_seconds`` without work, so a superseded model version's scheduler goes away."""
+
+    def __init__(self, model, max_batch_size: int = 128, timeout_seconds: float = 0.001,
+                 idle_seconds: float = 5.0, alone_when_idle: bool = True):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model = model
+        self.max_batch_size = int(max_batch_size)
+        self.timeout_seconds = max(0.0, float(timeout_seconds))
+        self.idle_seconds = idle_seconds
+        self.alone_when_idle = alone_when_idle
+        self.on_call: CallHook | None = None
+        self.on_batch: BatchHook | None = None
+        self.on_queue: QueueHook | None = None
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        meta = model.metadata
+        self._num_regions = int(meta["num_regions"])
+        self._state_shape = [int(x) for x in meta["state_shape"][1:]]
+
+    # -- the caller's side ---------------------------------------------------------------------
+    def decode(self, pixels: np.ndarray, *, beam_size: int, max_length: int,
+               length_penalty: float) -> tuple[dict[str, np.ndarray], int]:
+        """``(decode output, decode steps)`` for ``pixels [B, S, S, 3]``, decoded alongside whatever
+        else is in flight."""
+        return self._decode(pixels, beam_size, max_length, length_penalty, self.alone_when_idle)
+
+    def warm_up(self, pixels: np.ndarray, *, beam_size: int, max_length: int, length_penalty: float) -> None:
+        """Run the step loop once, for two requests merged, before the model serves (the first
+        calls of ``encode``/``decode_step`` at new batch sizes are slow)."""
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                self._decode(pixels, beam_size, max_length, length_penalty, False)
+            except BaseException as exc:  # re-raised below: a model whose step loop fails is not served
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _decode(self, pixels, beam_size: int, max_length: int, length_penalty: float, may_run_alone: bool):
+        from captioner.errors import ModelError
+
+        slots = self._state_shape[1]
+        if max_length > slots:  # checked here: past the state, decode_step fails every request in the batch
+            raise ModelError(f"max_length {max_length} is longer than this export's decode state holds "
+                             f"({slots} positions)", path=str(getattr(self.model, "path", "")))
+        job = _Job(np.asarray(pixels, np.uint8), int(beam_size), int(max_length), float(length_penalty),
+                   may_run_alone)
+        with self._cond:
+            self._queue.append(job)
+            # Not alive yet set: this process was forked from one whose scheduler was running.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        if job.alone:
+            started = time.perf_counter()
+            out = self.model.decode_pixels(job.pixels, beam_size=job.beam_size, max_length=job.max_length,
+                                           length_penalty=job.length_penalty)
+            if self.on_call is not None:
+                self.on_call(IN_PROCESS_DECODE, time.perf_counter() - started)
+            if self.on_batch is not None:
+                self.on_batch(IN_PROCESS_DECODE, job.rows)
+            return out, int(out["tokens"].shape[-1])
+        return job.result, job.steps
+
+    # -- the scheduler thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        active: list = []       # [(job, StepwiseSearch)], in row order
+        arrivals: list[_Job] | None = []
+        features = state = None
+        try:
+            while True:
+                arrivals = self._take(active)
+                if arrivals is None:
+                    return
+                if arrivals:
+                    joined = self._start(arrivals)
+                    if joined:
+                        features, state = self._join(features, state, [s for _, s in joined])
+                        active += joined
+                if active:
+                    active, features, state = self._step(active, features, state)
+        except BaseException as exc:  # never leave a caller waiting on a scheduler that died
+            log.exception("batch scheduler failed")
+            with self._cond:
+                pending, self._queue = list(self._queue), deque()
+                self._thread = None
+            for job in [j for j, _ in active] + (arrivals or []) + pending:
+                job.finish(error=exc)
+
+    def _take(self, active: list) -> list[_Job] | None:
+        """The requests to start now: whatever waits, within the rows left in the batch. With nothing
+        decoding, wait for a first request (None after ``idle_seconds``: the thread ends), then up
+        to the batch timeout for more."""
+        free = self.max_batch_size - sum(s.rows for _, s in active)
+        with self._cond:
+            if not active:
+                if not self._queue:
+                    self._cond.wait(self.idle_seconds)
+                if not self._queue:
+                    self._thread = None  # under the lock: a request queued after this starts a new thread
+                    return None
+                deadline = time.perf_counter() + self.timeout_seconds
+                while sum(j.rows for j in self._queue) < free:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            taken: list[_Job] = []
+            # A request larger than the whole batch still runs, on its own.
+            while self._queue and (self._queue[0].rows <= free or (not active and not taken)):
+                job = self._queue.popleft()
+                free -= job.rows
+                taken.append(job)
+        now = time.perf_counter()
+        if self.on_queue is not None:
+            for job in taken:
+                self.on_queue(now - job.enqueued)
+        if not active and len(taken) == 1 and taken[0].may_run_alone:
+            taken[0].alone = True
+            taken[0].finish()
+            return []
+        return taken
+
+    def _start(self, jobs: list[_Job]) -> list:
+        """Encode the images of ``jobs`` in one call; a search per job."""
+        from captioner.predictor import StepwiseSearch
+
+        pixels = np.concatenate([j.pixels for j in jobs])
+        try:
+            features = self._timed("encode", int(pixels.shape[0]), lambda: self.model.encode(pixels).numpy())
+        except Exception as exc:
+            for job in jobs:
+                job.finish(error=exc)
+            return []
+        started, offset = [], 0
+        for job in jobs:
+            images = int(job.pixels.shape[0])
+            try:
+                search = StepwiseSearch(features[offset:offset + images], beam_size=job.beam_size,
+                                        max_length=job.max_length, length_penalty=job.length_penalty,
+                                        num_regions=self._num_regions)
+            except Exception as exc:
+                job.finish(error=exc)
+                continue
+            finally:
+                offset += images
+            if search.done:
+                job.finish(search.result())
+            else:
+                started.append((job, search))
+        return started
+
+    def _join(self, features, state, searches: list):
+        import tensorflow as tf
+
+        rows = sum(s.rows for s in searches)
+        new_features = tf.constant(np.concatenate([s.features for s in searches]))
+        new_state = tf.zeros([rows, *self._state_shape], tf.float32)
+        if features is None:
+            return new_features, new_state
+        return tf.concat([features, new_features], 0), tf.concat([state, new_state], 0)
+
+    def _step(self, active: list, features, state):
+        """One ``decode_step`` over every active row; each search advances; finished ones leave."""
+        import tensorflow as tf
+
+        tokens = np.concatenate([s.tokens for _, s in active])
+        position = np.concatenate([s.position for _, s in active])
+        try:
+            log_probs, attention, new_state = self._timed(
+                "decode_step", len(tokens), lambda: self.model.decode_step(features, tokens, state, position))
+        except Exception as exc:
+            for job, _ in active:
+                job.finish(error=exc)
+            return [], None, None
+        log_probs, attention = log_probs.numpy(), attention.numpy()
+        keep, index, offset, finished = [], [], 0, False
+        for job, search in active:
+            rows = slice(offset, offset + search.rows)
+            source = search.advance(log_probs[rows], attention[rows])
+            job.steps += 1
+            if search.done:
+                finished = True
+                job.finish(search.result())
+            else:
+                keep.append((job, search))
+                index.append(source + offset)
+            offset += search.rows
+        if not keep:
+            return [], None, None
+        index = np.concatenate(index)
+        state = tf.gather(new_state, index)
+        if finished:
+            # Beams of an image share its features, so the reorder within a request changes nothing.
+            features = tf.gather(features, index)
+        return keep, features, state
+
+    def _timed(self, signature: str, rows: int, call: Callable):
+        started = time.perf_counter()
+        out = call()
+        if self.on_call is not None:
+            self.on_call(signature, time.perf_counter() - started)
+        if self.on_batch is not None:
+            self.on_batch(signature, rows)
+        return out

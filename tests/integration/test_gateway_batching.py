@@ -1,0 +1,244 @@
+"""Batching across requests in the local backend (serving/batching.py): requests encoded together,
+their searches advanced in one shared decode loop that they join and leave, each caption the one the
+request gets alone."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from captioner.serving.app import create_app
+from captioner.serving.batching import BatchScheduler
+from captioner.serving.settings import Settings
+from PIL import Image
+
+from captioner.model import decoding as D
+from captioner.predictor import SavedModelCaptioner, results_from_decode
+
+pytestmark = pytest.mark.integration
+
+
+# -- the NumPy update equals the in-graph one, bit for bit ---------------------------------------
+def _random_log_probs(rng, rows: int, vocab: int) -> np.ndarray:
+    # Few distinct values, so that top-k meets ties (broken by the lower index in both).
+    logits = rng.integers(0, 6, (rows, vocab)).astype(np.float32)
+    return tf.nn.log_softmax(logits).numpy()
+
+
+def _same(tf_search: dict, np_search: dict) -> None:
+    for name, value in tf_search.items():
+        np.testing.assert_array_equal(np.asarray(value), np_search[name], err_msg=name)
+
+
+@pytest.mark.parametrize("beam_size,alpha,max_length", [(3, 0.6, 9), (4, 0.0, 6), (2, 1.0, 12), (5, -0.5, 7)])
+def test_numpy_beam_update_equals_the_graph_update(beam_size, alpha, max_length):
+    rng = np.random.default_rng(beam_size)
+    images, vocab, regions = 3, 11, 4
+    search = D.beam_start(images, beam_size, regions)
+    mine = {k: v.numpy() for k, v in search.items()}
+    penalty = D.penalties(max_length, alpha)
+    for t in range(max_length):
+        log_probs = _random_log_probs(rng, images * beam_size, vocab)
+        attention = rng.random((images * beam_size, regions)).astype(np.float32)
+        token, source, search = D.beam_advance(search, log_probs, attention, t, beam_size, max_length, alpha)
+        my_token, my_source, mine = D.beam_advance_np(mine, log_probs, attention, t, beam_size, max_length,
+                                                      penalty)
+        np.testing.assert_array_equal(token.numpy(), my_token)
+        np.testing.assert_array_equal(source.numpy(), my_source)
+        _same(search, mine)
+
+
+def test_numpy_beam_top_k_breaks_ties_by_index_on_a_large_vocabulary():
+    # Past 4k candidates the NumPy top-k partitions first: ties at the threshold must still go to
+    # the lower index, as tf.math.top_k gives them.
+    x = np.zeros([2, 500], np.float32)
+    x[0, [7, 300, 400]] = 1.0
+    np.testing.assert_array_equal(D._np_top_k(x, 6), tf.math.top_k(x, 6).indices.numpy())
+
+
+def test_numpy_greedy_update_equals_the_graph_update():
+    rng = np.random.default_rng(0)
+    search = D.greedy_start(4, 3)
+    mine = {k: v.numpy() for k, v in search.items()}
+    for t in range(6):
+        log_probs = _random_log_probs(rng, 4, 9)
+        attention = rng.random((4, 3)).astype(np.float32)
+        token, search = D.greedy_advance(search, log_probs, attention, t)
+        my_token, mine = D.greedy_advance_np(mine, log_probs, attention, t)
+        np.testing.assert_array_equal(token.numpy(), my_token)
+        _same(search, mine)
+
+
+# -- the scheduler over the smoke run's SavedModel ---------------------------------------------
+class Recording:
+    """The real model, with the positions of every decode_step call kept."""
+
+    def __init__(self, model: SavedModelCaptioner):
+        self.model, self.positions, self.encoded = model, [], []
+        self.metadata, self.path = model.metadata, model.path
+
+    def encode(self, pixels):
+        self.encoded.append(len(pixels))
+        return self.model.encode(pixels)
+
+    def decode_step(self, features, tokens, state, position):
+        self.positions.append(np.asarray(position).copy())
+        return self.model.decode_step(features, tokens, state, position)
+
+    def decode_pixels(self, *args, **kwargs):
+        return self.model.decode_pixels(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model(smoke_run):
+    out, _ = smoke_run
+    return SavedModelCaptioner(out / "saved_model")
+
+
+def _pixels(model, images: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (images, model.image_size, model.image_size, 3), dtype=np.uint8)
+
+
+# (images, beam size, max length): greedy and beam, different widths and lengths in one batch.
+FIRST = [(1, 3, 12), (2, 1, 10), (1, 2, 4)]
+LATER = [(3, 4, 20), (1, 1, 3), (2, 5, 8), (1, 3, 12)]
+
+
+def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone(model):
+    alpha = float(model.metadata["length_penalty"])
+    recording = Recording(model)
+    # A long batch timeout: the first wave is surely encoded in one call.
+    scheduler = BatchScheduler(recording, max_batch_size=128, timeout_seconds=0.5)
+    requests = [(_pixels(model, n, seed), k, length) for seed, (n, k, length) in enumerate(FIRST + LATER)]
+    results: dict[int, tuple] = {}
+
+    def run(i):
+        pixels, k, length = requests[i]
+        results[i] = scheduler.decode(pixels, beam_size=k, max_length=length, length_penalty=alpha)
+
+    first = [threading.Thread(target=run, args=(i,)) for i in range(len(FIRST))]
+    later = [threading.Thread(target=run, args=(i,)) for i in range(len(FIRST), len(requests))]
+    joined = threading.Event()
+
+    def on_batch(signature, rows):
+        # After the first shared step, the later requests queue up and join the loop at the next one.
+        if signature == "decode_step" and not joined.is_set():
+            joined.set()
+            for thread in later:
+                thread.start()
+            while len(scheduler._queue) < len(later):
+                threading.Event().wait(0.001)
+
+    scheduler.on_batch = on_batch
+    for thread in first:
+        thread.start()
+    for thread in first + later:
+        thread.join(120)
+    assert len(results) == len(requests)
+
+    # Batching happened: the first wave shared one encode call, and some decode_step call held rows
+    # at different positions (requests that joined while others were decoding).
+    assert recording.encoded[0] == sum(n for n, _, _ in FIRST)
+    assert any(len(set(p.tolist())) > 1 for p in recording.positions)
+    assert max(len(p) for p in recording.positions) > max(n * k for n, k, _ in FIRST + LATER)
+
+    for i, (pixels, k, length) in enumerate(requests):
+        alone = model.decode_pixels(pixels, beam_size=k, max_length=length)
+        batched, steps = results[i]
+        assert steps == alone["tokens"].shape[-1]
+        for key in ("tokens", "finished", "lengths"):
+            np.testing.assert_array_equal(batched[key], alone[key], err_msg=f"request {i}: {key}")
+        # Scores may differ in the last bits: a matrix product over more rows may round differently.
+        np.testing.assert_allclose(batched["scores"], alone["scores"], atol=1e-5, err_msg=f"request {i}")
+        assert ([[text for text, _ in c.nbest] for c in results_from_decode(batched, model.vocab)]
+                == [[text for text, _ in c.nbest] for c in results_from_decode(alone, model.vocab)])
+
+
+def test_a_request_alone_decodes_exactly_as_without_batching(model):
+    # Stepped one position at a time (no batch to share), the search gives the in-graph loop's bits.
+    scheduler = BatchScheduler(model, timeout_seconds=0.0, alone_when_idle=False)
+    for k in (1, 3):
+        pixels = _pixels(model, 2, 40 + k)
+        alone = model.decode_pixels(pixels, beam_size=k, max_length=12)
+        stepped, _ = scheduler.decode(pixels, beam_size=k, max_length=12,
+                                      length_penalty=float(model.metadata["length_penalty"]))
+        for key, value in alone.items():
+            np.testing.assert_array_equal(stepped[key], value, err_msg=key)
+
+
+def test_a_request_past_the_decode_state_is_refused_without_harming_others(model):
+    from captioner.errors import ModelError
+
+    scheduler = BatchScheduler(model, alone_when_idle=False)
+    with pytest.raises(ModelError, match="decode state"):
+        scheduler.decode(_pixels(model, 1, 0), beam_size=2, max_length=model.max_decode_length + 1,
+                         length_penalty=0.6)
+    out, _ = scheduler.decode(_pixels(model, 1, 0), beam_size=2, max_length=5, length_penalty=0.6)
+    assert out["tokens"].shape[:2] == (1, 2)
+
+
+# -- the gateway ----------------------------------------------------------------------------------
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _concurrent_predictions(client, forms: list[dict]) -> list[dict]:
+    answers: list = [None] * len(forms)
+    start = threading.Barrier(len(forms))
+
+    def post(i):
+        start.wait()
+        answers[i] = client.post("/predict", data={"file": (io.BytesIO(_png(i)), "x.png"), **forms[i]},
+                                 content_type="multipart/form-data").get_json()
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(forms))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return answers
+
+
+def _samples(client, name: str) -> float:
+    text = client.get("/metrics").data.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+BATCH_SAMPLES = ("captioner_batch_rows_count", "captioner_batch_queue_seconds_count")
+
+
+def test_gateway_answers_the_same_with_batching_on_and_off(client, repo):
+    # The session's gateway batches (the default); the same repository served with batching off.
+    off = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False, api_key="",
+                              batching=False)).test_client()
+    # Greedy and the default beam at the export's length: few new traces, so the test stays cheap.
+    forms = [{"algorithm": "greedy"} if i % 3 == 0 else {"algorithm": "beam"} for i in range(8)]
+    before = [_samples(client, name) for name in BATCH_SAMPLES]
+    batched = _concurrent_predictions(client, forms)
+    calls, queued = (_samples(client, name) - b for name, b in zip(BATCH_SAMPLES, before, strict=True))
+    # The batch sizes formed and the time queued are in /metrics (how many requests merge depends
+    # on when they arrive: the scheduler test above checks the merging itself).
+    assert queued == len(forms) and calls >= 1
+    alone = _concurrent_predictions(off, forms)
+    assert _samples(off, "captioner_batch_queue_seconds_count") == 0
+    for on, by_itself in zip(batched, alone, strict=True):
+        assert on["caption"] == by_itself["caption"] and on["finished"] == by_itself["finished"]
+        assert [n["caption"] for n in on["nbest"]] == [n["caption"] for n in by_itself["nbest"]]
+        assert on["score"] == pytest.approx(by_itself["score"], abs=1e-5)
+
+
+def test_batching_settings_come_from_the_environment():
+    settings = Settings.from_env({"CAPTIONER_BATCHING": "off", "CAPTIONER_BATCH_MAX_SIZE": "64",
+                                  "CAPTIONER_BATCH_TIMEOUT_MS": "2.5"})
+    assert (settings.batching, settings.batch_max_size, settings.batch_timeout_ms) == (False, 64, 2.5)
+    assert Settings.from_env({}).batching is True
+    with pytest.raises(ValueError, match="CAPTIONER_BATCHING='of'"):
+        Settings.from_env({"CAPTIONER_BATCHING": "of"})
+    with pytest.raises(ValueError, match="CAPTIONER_BATCH_MAX_SIZE"):
+        Settings.from_env({"CAPTIONER_BATCH_MAX_SIZE": "0"})
+    with pytest.raises(ValueError, match="CAPTIONER_BATCH_TIMEOUT_MS"):
+        Settings.from_env({"CAPTIONER_BATCH_TIMEOUT_MS": "-1"})
