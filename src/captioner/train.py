@@ -491,13 +491,13 @@ def _train(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: Fe
 
     from captioner.model.captioner import build_model
 
+    strategy = make_strategy(cfg.train.distribute)  # first: multi_worker must precede any other TF op
     set_global_seed(cfg.train.seed)
     max_length = cfg.tokenizer.max_length
     train = caption_pairs(dataset, "train", tokenizer, store, max_length, flip=cfg.features.flip_train)
     dev = caption_pairs(dataset, "dev", tokenizer, store, max_length)
     regions, dim = train.features.shape[1:]
     spec = ModelSpec(tokenizer.vocab_size, int(regions), int(dim), asdict(cfg.model), cfg.to_dict())
-    strategy = make_strategy(cfg.train.distribute)
     tracker.extra["distribute"] = {"strategy": cfg.train.distribute, "replicas": strategy.num_replicas_in_sync,
                                    "workers": worker_role(cfg.train.distribute).num_workers}
     if cfg.train.mixed_precision:

@@ -168,11 +168,13 @@ def fit_and_tune(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, sto
     Returns ``(model, cfg)`` where ``cfg`` carries the chosen decoding settings; they are also saved
     in the model folder's ``model.json`` so that evaluation and export use them.
     """
-    from captioner.train import MODEL_JSON, train_model
+    from captioner.train import MODEL_JSON, train_model, worker_role
 
     tracker = tracker or ExperimentTracker(model_dir, seed=cfg.train.seed)
     with tracker.time("train"):
         model, _ = train_model(cfg, dataset, tokenizer, store, model_dir, tracker, progress)
+    if not worker_role(cfg.train.distribute).chief:
+        return model, cfg  # the chief tunes decoding and writes model.json; this worker's part is done
     if cfg.decode.tune_length_penalty:
         with tracker.time("tune_decoding"):
             alpha, grid = tune_length_penalty(model, tokenizer, store, dataset, cfg, progress)
