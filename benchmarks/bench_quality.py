@@ -68,7 +68,8 @@ def main() -> None:
     store = workflow.extract_step(cfg, dataset, progress=False)
     beam, max_length = cfg.decode.beam_size, cfg.decode.max_length
     preset_alpha = 0.6
-    tuned_alpha = cfg.decode.length_penalty
+    # The run tunes the length penalty on dev after training (decode.tune_length_penalty) and records it.
+    tuned_alpha = (summary.get("decode_tuning") or {}).get("chosen", cfg.decode.length_penalty)
 
     def captions(model, split, beam_size, alpha):
         return workflow.decode_split(model, tokenizer, store, dataset.splits[split], beam_size=beam_size,
