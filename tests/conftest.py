@@ -59,7 +59,8 @@ def smoke_run(tmp_path_factory, captioner_cache):
         run = Path(given)
         if not (run / "saved_model" / "saved_model.pb").is_file():
             pytest.fail(f"CAPTIONER_TEST_RUN={given} is not a finished run folder (no saved_model/)")
-        return run, config_from_dict(json.loads((run / "config_snapshot.json").read_text()))
+        # model.json's config carries the decoding chosen after training (e.g. a tuned length penalty).
+        return run, config_from_dict(json.loads((run / "model.json").read_text())["config"])
     out = tmp_path_factory.mktemp("smoke") / "run"
     cfg = load_config("smoke")
     run_training(cfg, out, progress=False)
