@@ -20,7 +20,7 @@ class Settings:
     model_dir: str = ""                    # local backend: serve this SavedModel folder instead
     poll_seconds: float = 5.0              # local backend: how often to look for a new version
     # local backend: concurrent requests share encode and decode_step calls (serving/batching.py)
-    batching: bool = True                  # CAPTIONER_BATCHING=on|off
+    batching: bool = False                 # CAPTIONER_BATCHING=on|off (off: see BENCHMARKS)
     batch_max_size: int = 128              # rows (images x beams) of one batched model call
     batch_timeout_ms: float = 1.0          # how long an idle scheduler waits for more requests
     tfserving_target: str = "localhost:8500"

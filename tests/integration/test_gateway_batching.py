@@ -212,9 +212,10 @@ BATCH_SAMPLES = ("captioner_batch_rows_count", "captioner_batch_queue_seconds_co
 
 
 def test_gateway_answers_the_same_with_batching_on_and_off(client, repo):
-    # The session's gateway batches (the default); the same repository served with batching off.
-    off = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False, api_key="",
-                              batching=False)).test_client()
+    # The session's gateway does not batch (the default); the same repository served with batching on.
+    off = client
+    client = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False, api_key="",
+                                 batching=True)).test_client()
     # Greedy and the default beam at the export's length: few new traces, so the test stays cheap.
     forms = [{"algorithm": "greedy"} if i % 3 == 0 else {"algorithm": "beam"} for i in range(8)]
     before = [_samples(client, name) for name in BATCH_SAMPLES]
@@ -235,7 +236,7 @@ def test_batching_settings_come_from_the_environment():
     settings = Settings.from_env({"CAPTIONER_BATCHING": "off", "CAPTIONER_BATCH_MAX_SIZE": "64",
                                   "CAPTIONER_BATCH_TIMEOUT_MS": "2.5"})
     assert (settings.batching, settings.batch_max_size, settings.batch_timeout_ms) == (False, 64, 2.5)
-    assert Settings.from_env({}).batching is True
+    assert Settings.from_env({}).batching is False
     with pytest.raises(ValueError, match="CAPTIONER_BATCHING='of'"):
         Settings.from_env({"CAPTIONER_BATCHING": "of"})
     with pytest.raises(ValueError, match="CAPTIONER_BATCH_MAX_SIZE"):
