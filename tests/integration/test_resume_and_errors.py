@@ -217,7 +217,7 @@ def test_restart_starts_over_and_keeps_the_users_files(smoke_run, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(out, run)
     mine = {run / "notes.txt": os.urandom(32), run / "logs" / "my-notes.txt": os.urandom(32),
-            run / "checkpoints" / "mine.bin": os.urandom(32)}
+            run / "checkpoints" / "mine.bin": os.urandom(32), run / "checkpoints" / "scst" / "mine.txt": os.urandom(32)}
     for path, data in mine.items():
         path.write_bytes(data)
     old_summary = (run / "run_summary.json").read_bytes()
@@ -225,7 +225,8 @@ def test_restart_starts_over_and_keeps_the_users_files(smoke_run, tmp_path, caps
                  "--set", "train.epochs=1", "--set", "decode.beam_size=3"])
     assert code == 0, capsys.readouterr().err
     assert all(path.read_bytes() == data for path, data in mine.items())
-    assert [r["epoch"] for r in _rows(run)] == ["1"]
+    # One cross-entropy epoch, then both SCST epochs again: the old SCST checkpoint was removed too.
+    assert [(r["epoch"], r["phase"]) for r in _rows(run)] == [("1", "xe"), ("2", "scst"), ("3", "scst")]
     summary = json.loads((run / "run_summary.json").read_text())
     assert (run / "run_summary.json").read_bytes() != old_summary and summary["config"]["train"]["epochs"] == 1
     assert json.loads((run / "config_snapshot.json").read_text())["decode"]["beam_size"] == 3
