@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from captioner.pipelines.fanout import check_shards
 from captioner.pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, create_pipeline
+from captioner.pipelines.step_config import QUIET_STEPS_ENV
 
 from captioner.errors import CaptionerError
 from captioner.io_utils import atomic_write_json
@@ -107,6 +109,10 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
     if serving_base_path is not None:
         ModelRepository(model_repo, serving_base_path=serving_base_path)
     before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
+    if not os.environ.get("CAPTIONER_VERBOSE"):
+        # The steps run in subprocesses that inherit this: they keep TensorFlow's start-up chatter off
+        # the terminal as the CLI does (captioner.pipelines.step_config). On a cluster, logs stay whole.
+        os.environ[QUIET_STEPS_ENV] = "1"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                enable_caching=cache, raise_on_error=True)
     events = _TaskEvents()

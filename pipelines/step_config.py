@@ -9,9 +9,18 @@ A run submitted to a cluster cannot read a YAML file that exists only on the sub
 from __future__ import annotations
 
 import json
+import os
 
 from captioner.config import Config, config_from_dict, load_config, parse_overrides, with_overrides
 from captioner.errors import ConfigError
+
+QUIET_STEPS_ENV = "CAPTIONER_QUIET_STEPS"  # set by `pipeline run --local` unless --verbose
+
+# Every step imports this module before anything imports TensorFlow.
+if os.environ.get(QUIET_STEPS_ENV) == "1" and not os.environ.get("CAPTIONER_VERBOSE"):
+    from captioner.cli import _quiet_tensorflow
+
+    _quiet_tensorflow()
 
 
 def embed_config(cfg: Config) -> str:
