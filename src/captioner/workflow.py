@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -266,7 +267,9 @@ def remove_run_files(output: Path) -> None:
     # Keras's BackupAndRestore folder and TensorBoard's event files are ours by construction.
     shutil.rmtree(checkpoints / "backup", ignore_errors=True)
     scst = checkpoints / "scst"  # tf.train.CheckpointManager's files (SCST): "checkpoint", "ckpt-N.*"
-    for name in (*scst.glob("ckpt-*"), scst / "checkpoint") if scst.is_dir() else ():
+    ours = re.compile(r"ckpt-\d+\.(index|data-\d{5}-of-\d{5})")  # what tf.train.Checkpoint writes
+    for name in (*(p for p in scst.glob("ckpt-*") if ours.fullmatch(p.name)), scst / "checkpoint") \
+            if scst.is_dir() else ():
         name.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         scst.rmdir()

@@ -217,7 +217,8 @@ def test_restart_starts_over_and_keeps_the_users_files(smoke_run, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(out, run)
     mine = {run / "notes.txt": os.urandom(32), run / "logs" / "my-notes.txt": os.urandom(32),
-            run / "checkpoints" / "mine.bin": os.urandom(32), run / "checkpoints" / "scst" / "mine.txt": os.urandom(32)}
+            run / "checkpoints" / "mine.bin": os.urandom(32),
+            run / "checkpoints" / "scst" / "ckpt-mine.txt": os.urandom(32)}  # named like a checkpoint file
     for path, data in mine.items():
         path.write_bytes(data)
     old_summary = (run / "run_summary.json").read_bytes()
