@@ -2,6 +2,7 @@
 
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,3 +68,16 @@ def stop_process(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(10)
+
+
+@pytest.fixture
+def live_gateway(repo):
+    """The gateway app over the smoke repository, served in this process on a free port."""
+    from werkzeug.serving import make_server
+
+    app = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()

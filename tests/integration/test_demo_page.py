@@ -1,27 +1,12 @@
 """The demo page end to end in headless Chromium (Debian's chromium, driven by Playwright)."""
 
 import shutil
-import threading
 
 import pytest
-from captioner.serving.app import create_app
-from captioner.serving.settings import Settings
 from PIL import Image
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture
-def live_gateway(repo):
-    from werkzeug.serving import make_server
-
-    app = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (`make setup` installs Debian's chromium)")

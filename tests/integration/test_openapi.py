@@ -3,7 +3,6 @@
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -62,18 +61,6 @@ def test_an_api_key_is_documented_when_one_is_required(repo):
     assert document["paths"]["/predict"]["post"]["security"] == [{"ApiKey": []}]
     assert "401" in document["paths"]["/model/info"]["get"]["responses"]
     assert "security" not in document["paths"]["/health"]["get"]
-
-
-@pytest.fixture
-def live_gateway(repo):
-    from werkzeug.serving import make_server
-
-    app = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 def test_schemathesis_finds_every_answer_documented_and_no_5xx(live_gateway, tmp_path):
