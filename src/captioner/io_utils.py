@@ -172,3 +172,22 @@ def filtered_stderr(noise: re.Pattern[str]) -> Iterator[None]:
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the body. A file system without
+    ``flock`` (some network mounts) runs the body unlocked, with a warning naming ``what``."""
+    import fcntl
+    import logging
+
+    with Path(path).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            logging.getLogger(__name__).warning("cannot lock %s (%s): %s without a lock", path, exc, what)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -19,7 +19,7 @@ from captioner.data.readers import CaptionDataset, read_dataset
 from captioner.data.tokenizer import Tokenizer
 from captioner.errors import CaptionerError, ConfigError
 from captioner.features.extract import FLIP_SUFFIX, FeatureStore, cache_key, extract_features
-from captioner.io_utils import atomic_write_json
+from captioner.io_utils import atomic_write_json, exclusive_lock
 from captioner.tracking import FAILED_JSON, ExperimentTracker, is_run_folder
 
 log = logging.getLogger(__name__)
@@ -429,23 +429,13 @@ def _prepare_lock(cfg: Config):
     """Under multi_worker, workers sharing this machine's cache read (or generate) the data and extract
     features one at a time: the second finds them ready instead of generating the synthetic data set
     again under the first one's feet. Workers on other machines, with their own cache, do not wait."""
-    import fcntl
-
     if cfg.train.distribute != "multi_worker":
         yield
         return
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with (root / ".multi-worker-prepare.lock").open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as exc:  # e.g. a network file system without flock
-            log.warning("cannot lock %s (%s): preparing data without a lock", root, exc)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(root / ".multi-worker-prepare.lock", "preparing data"):
+        yield
 
 
 def _run_worker(cfg: Config, output: Path, role, *, fresh: bool, progress: bool) -> dict:

@@ -16,14 +16,12 @@ self-contained copy keyed by name (what the pipeline passes from step to step).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
 from captioner.data.images import PREPROCESSING_VERSION, load_image
 from captioner.errors import DataError
-from captioner.io_utils import atomic_write_json, atomic_write_text, file_sha256, read_json_dict
+from captioner.io_utils import atomic_write_json, atomic_write_text, exclusive_lock, file_sha256, read_json_dict
 
 log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"
@@ -202,20 +200,10 @@ def content_keys(paths: Iterable[Path], hashes_file: Path, workers: int = 4) -> 
     return keys
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def _locked(folder: Path):
     """One extraction at a time per store: two runs appending at once would pick the same shard
     number. A file system without ``flock`` (some network mounts) runs unlocked, with a warning."""
-    with (folder / ".lock").open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as exc:
-            log.warning("cannot lock %s (%s): extracting without a lock", folder, exc)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(folder / ".lock", "extracting")
 
 
 def _batches(items: Sequence[tuple[str, Path, bool]], size: int, image_size: int, batch_size: int,
