@@ -23,7 +23,7 @@ DataFormat = Literal["auto", "flickr8k", "flickr8k_original", "coco", "synthetic
 Backbone = Literal["mobilenet_v1_075", "efficientnet_b0", "mobilenet_v3_large", "inception_v3", "patches"]
 Weights = Literal["imagenet", "none"]
 Strategy = Literal["default", "mirrored", "multi_worker"]
-SelectMetric = Literal["bleu4", "val_loss"]
+SelectMetric = Literal["bleu4", "cider", "val_loss"]
 
 
 @dataclass(frozen=True)

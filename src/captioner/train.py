@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.weights.h5"
 MODEL_JSON = "model.json"
 KILL_AFTER_EPOCH_ENV = "CAPTIONER_KILL_AFTER_EPOCH"  # fault injection for the resume test
+# train.select_metric -> (column of metrics.csv, sign that makes larger better)
+SELECTION_KEYS = {"bleu4": ("dev_bleu4", 1.0), "cider": ("dev_cider", 1.0), "val_loss": ("val_loss", -1.0)}
 
 
 # -- input pipeline ----------------------------------------------------------------------------
@@ -308,14 +310,14 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
     select, patience = cfg.train.select_metric, cfg.train.early_stopping_patience
 
     class DevSelection(keras.callbacks.Callback):
-        """Greedy dev BLEU-4 each epoch; keep the best weights; stop when it stops improving."""
+        """Greedy dev BLEU-4 and CIDEr-D each epoch; keep the best weights by ``train.select_metric``;
+        stop when it stops improving."""
 
         def __init__(self):
             super().__init__()
             self.decode_fn = None
             history = tracker.history()
-            key = "dev_bleu4" if select == "bleu4" else "val_loss"
-            sign = 1.0 if select == "bleu4" else -1.0
+            key, sign = SELECTION_KEYS[select]
             self.key, self.sign = key, sign
             values = [(row["epoch"], sign * row[key]) for row in history if key in row and row[key] != ""]
             self.best = max((v for _, v in values), default=-math.inf)
@@ -531,10 +533,11 @@ def _train(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: Fe
     if best.is_file():
         model.load_weights(str(best))
     rows = [r for r in tracker.history() if r.get("phase") in (None, "", "xe")]
-    key = "dev_bleu4" if cfg.train.select_metric == "bleu4" else "val_loss"
+    key, sign = SELECTION_KEYS[cfg.train.select_metric]
     if rows:
-        chosen = (max if key == "dev_bleu4" else min)(rows, key=lambda r: r[key])
-        tracker.extra["selected_epoch"] = chosen["epoch"]
+        chosen = max(rows, key=lambda r: sign * float(r[key]))
+        # selected_epoch becomes SCST's when SCST improves on it; xe_selected_epoch stays.
+        tracker.extra["selected_epoch"] = tracker.extra["xe_selected_epoch"] = int(chosen["epoch"])
         tracker.log_final_metrics(**{f"selected_{key}": chosen[key]})
     if cfg.scst.enabled and cfg.scst.epochs > 0:
         from captioner.scst import train_scst, training_references

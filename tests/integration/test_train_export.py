@@ -39,6 +39,12 @@ def test_run_folder_layout(smoke_run):
     assert summary["status"] == "complete"
     assert set(summary["timings_seconds"]) >= {"data", "tokenize", "extract", "train", "scst", "evaluate", "export"}
     assert summary["scst"]["epochs"] == cfg.scst.epochs and "xe_dev_cider" in summary["scst"]
+    # The smoke preset selects cross-entropy on dev CIDEr-D: SCST starts from that epoch's weights,
+    # whose dev CIDEr-D it measures again.
+    assert cfg.train.select_metric == "cider"
+    best = max(xe, key=lambda r: float(r["dev_cider"]))
+    assert summary["xe_selected_epoch"] == int(best["epoch"])
+    assert summary["scst"]["xe_dev_cider"] == pytest.approx(float(best["dev_cider"]), abs=1e-3)
     assert report["beam"]["unk_share"] == 0 and report["greedy"]["unk_share"] == 0
     assert "dangling_share" in report["beam"]
     assert json.loads((out / "config_snapshot.json").read_text())["name"] == "smoke"
