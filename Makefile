@@ -54,7 +54,7 @@ demo: setup  ## the main job on the offline default: the whole pipeline (train, 
 	@echo "serve it: $(BIN)/captioner serve --model-repo models   (then open http://127.0.0.1:8080/demo)"
 
 test: setup  ## the whole suite (CI runs this)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
