@@ -327,6 +327,31 @@ def export(model_dir: Path, output: Path, model_name: str) -> None:
     click.echo(f"SavedModel: {output}")
 
 
+@cli.command(epilog="""\b
+Example:
+  captioner ensemble --member runs/f8k --member runs/f8k-seed2 --output runs/f8k-ens
+  captioner ensemble --member runs/f8k --member runs/f8k/checkpoints/best.weights.h5 --output runs/f8k-ckpt-ens
+  captioner evaluate --model runs/f8k-ens --split dev""")
+@click.option("--member", "members", type=click.Path(exists=True, path_type=Path), multiple=True, required=True,
+              help="A run folder (its final weights) or a .weights.h5 checkpoint inside one; repeat for each member.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The ensemble's folder (new, empty, or an ensemble written before).")
+@click.option("--combine", type=click.Choice(["prob", "log_prob"]), default="prob", show_default=True,
+              help="How each step's next-word distributions are combined: the mean of the probabilities, or "
+                   "of the log-probabilities (renormalised).")
+def ensemble(members: tuple[Path, ...], output: Path, combine: str) -> None:
+    """Combine trained models that share a vocabulary into one model.
+
+    The ensemble folder is a trained model like a run folder: `evaluate`, `export` (one SavedModel
+    with the usual signatures) and `serve` take it. Its config, decoding settings included, is the
+    first member's.
+    """
+    from captioner.train import save_ensemble
+
+    save_ensemble(list(members), output, combine)
+    click.echo(f"ensemble of {len(members)} ({combine}): {output}")
+
+
 # -- data ----------------------------------------------------------------------------------------
 @cli.group(epilog="""\b
 Example:

@@ -243,6 +243,9 @@ class ModelSpec:
     feature_dim: int
     model: dict[str, Any]
     config: dict[str, Any]
+    # An ensemble folder (``save_ensemble``): {"combine": rule, "members": [{"model": ModelConfig
+    # fields, "weights": file in the folder, "source": where it was taken from}, ...]}.
+    ensemble: dict[str, Any] | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -271,9 +274,82 @@ def load_trained(model_dir: Path | str):
     if not path.is_file():
         raise ModelError(f"not a trained model folder (no {MODEL_JSON})", path=str(model_dir))
     spec = ModelSpec(**json.loads(path.read_text()))
+    if spec.ensemble:
+        from captioner.model.ensemble import EnsembleModel
+
+        members = []
+        for member in spec.ensemble["members"]:
+            model = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, ModelConfig(**member["model"]))
+            model.load_weights(str(model_dir / member["weights"]))
+            members.append(model)
+        return EnsembleModel(members, spec.ensemble["combine"]), Tokenizer.load(model_dir), spec
     model = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, spec.model_config)
     model.load_weights(str(model_dir / WEIGHTS_FILE))
     return model, Tokenizer.load(model_dir), spec
+
+
+def _member_source(path: Path) -> tuple[Path, Path]:
+    """``(trained-model folder, weights file)`` for an ensemble member named by a run folder (its
+    final weights) or by a ``.weights.h5`` file inside one (a checkpoint: the run's model with them)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_JSON).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise ModelError(f"not a trained model folder (needs {MODEL_JSON} and {WEIGHTS_FILE})", path=str(path))
+        return path, path / WEIGHTS_FILE
+    if path.is_file() and path.name.endswith(".weights.h5"):
+        for folder in path.parents:
+            if (folder / MODEL_JSON).is_file():
+                return folder, path
+        raise ModelError(f"a weights file outside any trained model folder (no {MODEL_JSON} above it)",
+                         path=str(path))
+    raise ModelError("name a trained model folder or a .weights.h5 checkpoint inside one", path=str(path))
+
+
+def is_ensemble_folder(folder: Path) -> bool:
+    """True for a folder ``save_ensemble`` wrote (the only kind it replaces)."""
+    try:
+        return bool(json.loads((Path(folder) / MODEL_JSON).read_text()).get("ensemble"))
+    except (OSError, ValueError):
+        return False
+
+
+def save_ensemble(sources: list[Path], output: Path | str, combine: str = "prob") -> Path:
+    """Write an ensemble folder from trained models or checkpoints (``_member_source``): the members'
+    weights, the shared vocabulary, and a ``model.json`` that ``load_trained`` reads back as an
+    ``EnsembleModel``. The first member's config (decoding settings included) becomes the ensemble's.
+    ``output`` must be new, empty or an ensemble folder written before."""
+    from captioner.io_utils import atomic_directory
+    from captioner.model.ensemble import COMBINE_RULES
+
+    if combine not in COMBINE_RULES:
+        raise ConfigError(f"combine must be one of {COMBINE_RULES}, got {combine!r}", field="combine")
+    if not sources:
+        raise ConfigError("an ensemble needs at least one member", field="members")
+    resolved = [_member_source(Path(s)) for s in sources]
+    first_folder = resolved[0][0]
+    first = ModelSpec(**json.loads((first_folder / MODEL_JSON).read_text()))
+    vocabulary = (first_folder / "vocab.json").read_text()
+    members = []
+    for i, (folder, weights) in enumerate(resolved):
+        spec = ModelSpec(**json.loads((folder / MODEL_JSON).read_text()))
+        if spec.ensemble:
+            raise ModelError("is an ensemble itself; name its members instead", path=str(folder))
+        if (folder / "vocab.json").read_text() != vocabulary:
+            raise ModelError(f"member {i} has another vocabulary than member 0 ({first_folder}): an ensemble "
+                             f"averages next-word distributions over one vocabulary", path=str(folder))
+        if (spec.num_regions, spec.feature_dim) != (first.num_regions, first.feature_dim):
+            raise ModelError(f"member {i} reads other image features ({spec.num_regions} regions x "
+                             f"{spec.feature_dim}) than member 0 ({first.num_regions} x {first.feature_dim})",
+                             path=str(folder))
+        members.append({"model": spec.model, "weights": f"member-{i}.weights.h5", "source": str(weights.resolve())})
+    with atomic_directory(output, is_ensemble_folder) as tmp:
+        for member, (_, weights) in zip(members, resolved, strict=True):
+            shutil.copyfile(weights, tmp / member["weights"])
+        Tokenizer.load(first_folder).save(tmp)
+        spec = ModelSpec(first.vocab_size, first.num_regions, first.feature_dim, first.model, first.config,
+                         ensemble={"combine": combine, "members": members})
+        atomic_write_json(tmp / MODEL_JSON, asdict(spec))
+    return Path(output)
 
 
 @contextlib.contextmanager
