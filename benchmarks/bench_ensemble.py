@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, help="the data set the members were trained on")
     parser.add_argument("--row", action="append", required=True, help="NAME=MEMBER[,MEMBER...]")
     parser.add_argument("--combine", nargs="+", default=["prob"], choices=["prob", "log_prob"])
+    parser.add_argument("--beam-size", type=int, nargs="+", default=None,
+                        help="beam widths to score (default: the first member's)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
 
@@ -49,16 +51,19 @@ def main() -> None:
                 cfg = with_overrides(model_spec.full_config, {"data": {"root": args.data_root}})
                 dataset = workflow.load_data(cfg)
                 store = workflow.extract_step(cfg, dataset, progress=False)
-                started = time.perf_counter()
-                report = workflow.evaluate_model(model, tokenizer, store, dataset, cfg, split="dev", progress=False)
-            for decoder in ("greedy", "beam"):
-                scores = report[decoder]
-                row = {"name": name, "members": [str(p) for p in paths], "combine": combine if len(paths) > 1 else None,
-                       "decoder": decoder, "beam_size": scores["beam_size"],
-                       "length_penalty": scores.get("length_penalty"), **{k: scores[k] for k in METRICS},
-                       "seconds": round(time.perf_counter() - started, 1)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for i, beam_size in enumerate(args.beam_size or [cfg.decode.beam_size]):
+                    started = time.perf_counter()
+                    report = workflow.evaluate_model(model, tokenizer, store, dataset,
+                                                     with_overrides(cfg, {"decode": {"beam_size": beam_size}}),
+                                                     split="dev", progress=False)
+                    for decoder in ("greedy", "beam") if i == 0 else ("beam",):  # greedy: the same each time
+                        scores = report[decoder]
+                        row = {"name": name, "members": [str(p) for p in paths],
+                               "combine": combine if len(paths) > 1 else None, "decoder": decoder,
+                               "beam_size": scores["beam_size"], "length_penalty": scores.get("length_penalty"),
+                               **{k: scores[k] for k in METRICS}, "seconds": round(time.perf_counter() - started, 1)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
 
     result = {"date": time.strftime("%Y-%m-%d"), "split": "dev",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only", "rows": rows}
