@@ -5,6 +5,12 @@ each key to its shard and row. Shards and the index are written atomically, so a
 resumes where it stopped and a partial shard is never read. Decoding (Pillow, in threads that
 release the GIL) overlaps with the backbone.
 
+Throughput (issue #11): on two cores, JPEG decoding and the backbone share the CPU, so files -> cache
+cannot beat ``1 / (1/decode_rate + 1/backbone_rate)``, each rate measured on both cores
+(``benchmarks/bench_extract_limit.py`` measures the three and the limit in one run). Against that
+limit the pipeline decodes a plain JPEG once (``decode_file``), casts the features to float16 in
+the backbone's graph, and streams each shard's rows to its file as they come.
+
 Keys are image CONTENT: the SHA-256 of the file's bytes (``<hash>#flip`` for the mirrored copy). A
 data set grown by 100 images costs 100 extractions, and a renamed or copied image none. Hashing
 every file on every run would read the whole data set, so ``hashes.json`` remembers each path's
@@ -16,6 +22,7 @@ self-contained copy keyed by name (what the pipeline passes from step to step).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
-from captioner.data.images import PREPROCESSING_VERSION, load_image
+from captioner.data.images import DEFAULT_MAX_PIXELS, PREPROCESSING_VERSION, load_image
 from captioner.errors import DataError
 from captioner.io_utils import atomic_write_json, atomic_write_text, exclusive_lock, file_sha256, read_json_dict
 
@@ -135,14 +143,17 @@ class FeatureStore:
         return out
 
     def append(self, keys: Sequence[str], features: np.ndarray) -> None:
+        with self.new_shard(len(keys), features.shape[1:]) as shard:
+            shard.write(features)
+        self.commit(shard.number, keys)
+
+    def new_shard(self, rows: int, row_shape: Sequence[int]) -> ShardFile:
+        """The next shard, to be filled with ``rows`` rows and then handed to ``commit``."""
         number = 1 + max((s for s, _ in self.index.values()), default=-1)
-        path = self.folder / f"shard-{number:05d}.npy"
-        # Written under a temporary name and renamed: a shard is whole or absent. No fsync: this is
-        # a cache that can be rebuilt, and syncing ~100 MB shards costs a good part of the run.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            np.save(handle, features.astype(np.float16, copy=False))
-        os.replace(tmp, path)
+        return ShardFile(self.folder / f"shard-{number:05d}.npy", number, rows, tuple(row_shape))
+
+    def commit(self, number: int, keys: Sequence[str]) -> None:
+        """Index ``keys`` as rows 0.. of the (complete, renamed) shard ``number``."""
         for row, key in enumerate(keys):
             self.index[key] = [number, row]
         atomic_write_json(self.folder / FEATURES_INDEX, {"rows": self.index})
@@ -162,6 +173,53 @@ class FeatureStore:
             chunk = todo[start:start + shard_size]
             out.append(chunk, self.load(chunk))
         return out
+
+
+class ShardFile:
+    """One shard's ``.npy`` file (float16), written batch by batch under a temporary name and
+    renamed when all its rows are in: a shard is whole or absent, and its features never sit in
+    memory as one array to be concatenated and copied out. No fsync: this is a cache that can be
+    rebuilt, and syncing ~150 MB shards costs a good part of the run.
+
+    The bytes are those ``np.save`` writes for the whole array (same version 1.0 header).
+    """
+
+    def __init__(self, path: Path, number: int, rows: int, row_shape: tuple[int, ...]):
+        self.path, self.number, self.rows, self.row_shape = path, number, rows, row_shape
+        self.written = 0
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._handle = self._tmp.open("wb")
+        np.lib.format.write_array_header_1_0(self._handle, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+            "shape": (rows, *row_shape)})
+
+    def write(self, features: np.ndarray) -> None:
+        if features.shape[1:] != self.row_shape or self.written + len(features) > self.rows:
+            raise ValueError(f"shard {self.path.name} holds {self.rows} rows of {self.row_shape}; got "
+                             f"{features.shape} after {self.written} rows")
+        self._handle.write(np.ascontiguousarray(features, dtype=np.float16).data)
+        self.written += len(features)
+
+    def finish(self) -> None:
+        """Rename the file into place (it must hold all its rows)."""
+        if self.written != self.rows:
+            self.discard()
+            raise ValueError(f"shard {self.path.name} got {self.written} of its {self.rows} rows")
+        self._handle.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        self._handle.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, kind, value, trace) -> None:
+        if kind is None:
+            self.finish()
+        else:
+            self.discard()
 
 
 def _content_key(path: Path) -> str:
@@ -206,15 +264,43 @@ def _locked(folder: Path):
     return exclusive_lock(folder / ".lock", "extracting")
 
 
-def _batches(items: Sequence[tuple[str, Path, bool]], size: int, image_size: int, batch_size: int,
-             workers: int = 2):
+_JPEG = b"\xff\xd8\xff"
+
+
+def decode_file(path: Path, size: int) -> np.ndarray:
+    """``load_image(path, size)``, with a plain JPEG decoded once instead of twice.
+
+    ``load_image`` decodes every file in full with Pillow (the judge of damaged files) and then
+    again with ``decode_image_tf``. For an RGB JPEG that is already ``size`` x ``size`` and has no
+    EXIF block, ``decode_image_tf`` does nothing but libjpeg-turbo's accurate integer decode (no
+    orientation, no resize), which is what Pillow has just done: its pixels are the spec that
+    function reproduces to the bit (``pillow_reference`` in the tests), so they are used as they
+    are. That halves the CPU spent decoding, which shares the two cores with the backbone. Anything
+    else, and any file Pillow objects to, goes through ``load_image``, which also words the error.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return load_image(path, size)
+    if data.startswith(_JPEG) and b"Exif\0\0" not in data and size * size <= DEFAULT_MAX_PIXELS:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size):
+                    img.load()
+                    return np.asarray(img)
+        except Exception:  # noqa: BLE001 - load_image below judges the file and says what is wrong
+            pass
+    return load_image(data, size, label=str(path))
+
+
+def _batches(items: Sequence[tuple[str, Path, bool]], image_size: int, batch_size: int, workers: int = 2):
     """Yield ``(keys, uint8 pixels)`` batches; decoding runs ahead of the consumer in threads."""
     out: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
 
     def decode(item):
         key, path, flip = item
-        pixels = load_image(path, image_size)
+        pixels = decode_file(path, image_size)
         return key, pixels[:, ::-1] if flip else pixels
 
     def produce():
@@ -244,19 +330,22 @@ def _batches(items: Sequence[tuple[str, Path, bool]], size: int, image_size: int
 
 
 def backbone_fn(backbone, batch_size: int):
-    """A compiled call of the backbone on fixed-size batches (padding the last) to avoid retracing.
+    """A compiled call of the backbone on fixed-size batches (padding the last) to avoid retracing,
+    giving the float16 features the cache stores.
 
-    The compiled function is kept on the backbone, so later extractions in the process reuse it.
+    The cast is in the graph: TensorFlow's vectorised float32 -> float16 conversion rounds as
+    NumPy's ``astype`` does (to nearest even) at a fraction of its cost, and half as many bytes
+    come back. The compiled function is kept on the backbone, so later extractions reuse it.
     """
     import tensorflow as tf
 
-    run = getattr(backbone, "_captioner_compiled", None)
+    run = getattr(backbone, "_captioner_compiled_f16", None)
     if run is None:
         @tf.function(reduce_retracing=True)
         def run(pixels):
-            return backbone(tf.cast(pixels, tf.float32), training=False)
+            return tf.cast(backbone(tf.cast(pixels, tf.float32), training=False), tf.float16)
 
-        backbone._captioner_compiled = run
+        backbone._captioner_compiled_f16 = run
 
     def call(pixels: np.ndarray) -> np.ndarray:
         n = len(pixels)
@@ -268,11 +357,13 @@ def backbone_fn(backbone, batch_size: int):
 
 
 def extract_features(dataset, images: Sequence[str], cfg: FeaturesConfig, cache_folder: Path | str,
-                     *, flip: Sequence[str] = (), progress: bool = True, backbone=None) -> FeatureStore:
+                     *, flip: Sequence[str] = (), progress: bool = True, backbone=None,
+                     decode_workers: int = 2) -> FeatureStore:
     """Make sure every image in ``images`` (and the mirrored copy of those in ``flip``) is cached.
 
     Runs the backbone only over image contents the store does not hold yet; returns the store
     with the ``names`` view of these images and ``extracted`` set to the keys it computed.
+    ``decode_workers`` threads decode images ahead of the backbone.
     """
     from tqdm import tqdm
 
@@ -297,17 +388,27 @@ def extract_features(dataset, images: Sequence[str], cfg: FeaturesConfig, cache_
             return store
         backbone = backbone or build_backbone(cfg.backbone, cfg.weights, cfg.image_size)
         run = backbone_fn(backbone, cfg.batch_size)
-        pending_keys: list[str] = []
-        pending: list[np.ndarray] = []
-        with tqdm(total=len(todo), desc=f"features ({cfg.backbone})", unit="img", disable=not progress) as bar:
-            for keys, pixels in _batches(todo, len(todo), cfg.image_size, cfg.batch_size):
-                pending.append(run(pixels).astype(np.float16))
-                pending_keys.extend(keys)
-                store.extracted.extend(keys)
-                bar.update(len(keys))
-                if len(pending_keys) >= cfg.shard_size:
-                    store.append(pending_keys, np.concatenate(pending))
-                    pending_keys, pending = [], []
-            if pending_keys:
-                store.append(pending_keys, np.concatenate(pending))
+        # Whole batches per shard: the first batch that reaches shard_size rows closes it.
+        per_shard = -(-cfg.shard_size // cfg.batch_size) * cfg.batch_size
+        shard: ShardFile | None = None
+        shard_keys: list[str] = []
+        try:
+            with tqdm(total=len(todo), desc=f"features ({cfg.backbone})", unit="img",
+                      disable=not progress) as bar:
+                for keys, pixels in _batches(todo, cfg.image_size, cfg.batch_size, decode_workers):
+                    features = run(pixels)
+                    if shard is None:
+                        rows = min(per_shard, len(todo) - len(store.extracted))
+                        shard = store.new_shard(rows, features.shape[1:])
+                    shard.write(features)
+                    shard_keys.extend(keys)
+                    store.extracted.extend(keys)
+                    bar.update(len(keys))
+                    if shard.written == shard.rows:
+                        shard.finish()
+                        store.commit(shard.number, shard_keys)
+                        shard, shard_keys = None, []
+        finally:
+            if shard is not None:  # stopped part-way: no partial shard is left behind
+                shard.discard()
     return store
