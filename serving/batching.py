@@ -1,15 +1,20 @@
 """Batching across requests for the local backend, as TF Serving's batch scheduler does for its clients.
 
-One scheduler thread per loaded model version owns every request's search:
+Two threads per loaded model version own every request's search, one per stage, so that the
+backbone of new requests and the decode steps of running ones use the two cores at the same time:
 
-* a request waits in a queue; when the scheduler is idle it waits up to ``timeout_seconds`` for more
-  to arrive, then encodes every waiting request's images in one ``encode`` call (up to
-  ``max_batch_size`` decode rows, i.e. images x beams);
-* all active searches advance together: one ``decode_step`` call per iteration over every active
-  request's rows, each row at its own position (the export's fixed-size decoder state makes rows at
-  different positions stackable); each request then runs its own greedy/beam update
-  (``captioner.predictor.StepwiseSearch``, the decoders' own code) and leaves when it is done;
-* requests that arrive while others decode join at the next step, without waiting for them;
+* the encoder: a request waits in a queue; when nothing is decoding it waits up to
+  ``timeout_seconds`` for more to arrive, then encodes every waiting request's images in one
+  ``encode`` call (up to ``max_batch_size`` decode rows, i.e. images x beams, counting the rows
+  already decoding); while the decoder is busy it encodes whatever waits at once (requests that
+  arrive during an ``encode`` call are batched into the next one);
+* the decoder: all active searches advance together: one ``decode_step`` call per iteration over
+  every active request's rows, each row at its own position (the export's fixed-size decoder
+  state makes rows at different positions stackable); each request then runs its own greedy/beam
+  update (``captioner.predictor.StepwiseSearch``, the decoders' own code) and leaves when it is
+  done; encoded requests join at the next step, without waiting for the others;
+* the caller's thread turns its finished search into the result (a few dozen small TensorFlow ops
+  that would otherwise stall every other request's next step);
 * a request that finds nothing decoding and no other request within the batch timeout has nobody to
   share steps with: it is decoded in its caller's thread in one graph call, as with batching off
   (stepping in Python costs more per step than the in-graph loop; ``alone_when_idle=False`` turns
@@ -50,7 +55,7 @@ class _Job:
     alone: bool = False         # set by the scheduler: decode it in the caller's thread
     enqueued: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict | None = None
+    search: object | None = None  # the finished StepwiseSearch: the caller builds the result from it
     error: BaseException | None = None
     steps: int = 0
 
@@ -58,10 +63,10 @@ class _Job:
     def rows(self) -> int:
         return int(self.pixels.shape[0]) * self.beam_size
 
-    def finish(self, result: dict | None = None, error: BaseException | None = None) -> None:
+    def finish(self, search=None, error: BaseException | None = None) -> None:
         if self.done.is_set():  # answered already: a later failure of the loop is not this request's
             return
-        self.result, self.error = result, error
+        self.search, self.error = search, error
         self.done.set()
 
 
@@ -69,8 +74,9 @@ class BatchScheduler:
     """Encode and decode concurrent requests of one model (a ``SavedModelCaptioner``) together.
 
     ``decode(pixels, beam_size, max_length, length_penalty)`` blocks the calling thread until its
-    result (``decode_images``' output) is ready. The scheduler thread starts on the first request and
-    ends after ``idle_seconds`` without work, so a superseded model version's scheduler goes away."""
+    result (``decode_images``' output) is ready. The encoder and decoder threads start with the first
+    request and end after ``idle_seconds`` without work, so a superseded model version's threads go
+    away."""
 
     def __init__(self, model, max_batch_size: int = 128, timeout_seconds: float = 0.001,
                  idle_seconds: float = 5.0, alone_when_idle: bool = True):
@@ -84,9 +90,15 @@ class BatchScheduler:
         self.on_call: CallHook | None = None
         self.on_batch: BatchHook | None = None
         self.on_queue: QueueHook | None = None
-        self._queue: deque[_Job] = deque()
+        # One condition for the three kinds of waiter (callers enqueueing, the encoder waiting for
+        # requests or for room, the decoder waiting for encoded requests): notify_all, never notify.
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._queue: deque[_Job] = deque()    # waiting to be encoded
+        self._ready: list = []                # [(job, StepwiseSearch)] encoded, waiting to join
+        self._encoding_rows = 0               # rows of the encode call in progress
+        self._decoding_rows = 0               # rows in the decode loop
+        self._encoder: threading.Thread | None = None
+        self._decoder: threading.Thread | None = None
         meta = model.metadata
         self._num_regions = int(meta["num_regions"])
         self._state_shape = [int(x) for x in meta["state_shape"][1:]]
@@ -128,11 +140,8 @@ class BatchScheduler:
                    may_run_alone)
         with self._cond:
             self._queue.append(job)
-            # Not alive yet set: this process was forked from one whose scheduler was running.
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            self._ensure_threads()
+            self._cond.notify_all()
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -145,78 +154,106 @@ class BatchScheduler:
             if self.on_batch is not None:
                 self.on_batch(IN_PROCESS_DECODE, job.rows)
             return out, int(out["tokens"].shape[-1])
-        return job.result, job.steps
+        return job.search.result(), job.steps
 
-    # -- the scheduler thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        active: list = []       # [(job, StepwiseSearch)], in row order
-        arrivals: list[_Job] | None = []
-        features = state = None
+    def _ensure_threads(self) -> None:
+        """Start the stage threads that are not running (under the lock). ``is_alive`` as well as
+        None: this process may have been forked from one whose threads were running."""
+        if self._queue and (self._encoder is None or not self._encoder.is_alive()):
+            self._encoder = threading.Thread(target=self._encode_loop, name="batch-encoder", daemon=True)
+            self._encoder.start()
+        if self._ready and (self._decoder is None or not self._decoder.is_alive()):
+            self._decoder = threading.Thread(target=self._decode_loop, name="batch-decoder", daemon=True)
+            self._decoder.start()
+
+    def _idle_wait(self, work: Callable[[], object]) -> bool:
+        """Wait (under the lock) until ``work()`` is truthy; False after ``idle_seconds`` without."""
+        deadline = time.perf_counter() + self.idle_seconds
+        while not work():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return False
+            self._cond.wait(remaining)
+        return True
+
+    # -- the encoder thread --------------------------------------------------------------------
+    def _encode_loop(self) -> None:
+        taken: list[_Job] = []
         try:
             while True:
-                arrivals = self._take(active)
-                if arrivals is None:
+                taken = self._take()
+                if taken is None:
                     return
-                if arrivals:
-                    joined = self._start(arrivals)
-                    if joined:
-                        features, state = self._join(features, state, [s for _, s in joined])
-                        active += joined
-                if active:
-                    active, features, state = self._step(active, features, state)
-        except BaseException as exc:  # never leave a caller waiting on a scheduler that died
-            log.exception("batch scheduler failed")
+                if taken:
+                    self._start(taken)
+                taken = []
+        except BaseException as exc:  # never leave a caller waiting on an encoder that died
+            log.exception("batch scheduler's encoder failed")
             with self._cond:
                 pending, self._queue = list(self._queue), deque()
-                self._thread = None
-            for job in [j for j, _ in active] + (arrivals or []) + pending:
+                self._encoding_rows = 0
+                self._encoder = None
+            for job in taken + pending:
                 job.finish(error=exc)
 
-    def _take(self, active: list) -> list[_Job] | None:
-        """The requests to start now: whatever waits, within the rows left in the batch. With nothing
-        decoding, wait for a first request (None after ``idle_seconds``: the thread ends), then up
-        to the batch timeout for more."""
-        free = self.max_batch_size - sum(s.rows for _, s in active)
+    def _busy_rows(self) -> int:
+        return self._decoding_rows + sum(s.rows for _, s in self._ready)
+
+    def _take(self) -> list[_Job] | None:
+        """The requests to encode now (under the lock): whatever waits, within the rows the decode
+        loop has left. With nothing decoding, wait for a first request (None after
+        ``idle_seconds``: the thread ends), then up to the batch timeout for more."""
         with self._cond:
-            if not active:
-                if not self._queue:
-                    self._cond.wait(self.idle_seconds)
-                if not self._queue:
-                    self._thread = None  # under the lock: a request queued after this starts a new thread
+            while True:
+                if not self._queue and not self._idle_wait(lambda: self._queue):
+                    self._encoder = None  # under the lock: a request queued after this starts a new one
                     return None
-                deadline = time.perf_counter() + self.timeout_seconds
-                while sum(j.rows for j in self._queue) < free:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-            taken: list[_Job] = []
-            # A request larger than the whole batch still runs, on its own.
-            while self._queue and (self._queue[0].rows <= free or (not active and not taken)):
-                job = self._queue.popleft()
-                free -= job.rows
-                taken.append(job)
+                busy = self._busy_rows()
+                free = self.max_batch_size - busy
+                if not busy:
+                    deadline = time.perf_counter() + self.timeout_seconds
+                    while sum(j.rows for j in self._queue) < free:
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    busy = self._busy_rows()
+                    free = self.max_batch_size - busy
+                taken: list[_Job] = []
+                # A request larger than the whole batch still runs, on its own.
+                while self._queue and (self._queue[0].rows <= free or (not busy and not taken)):
+                    job = self._queue.popleft()
+                    free -= job.rows
+                    taken.append(job)
+                if taken:
+                    break
+                self._cond.wait()  # no room: the decoder notifies when requests leave
+            if not busy and len(taken) == 1 and taken[0].may_run_alone:
+                taken[0].alone = True
+            else:
+                self._encoding_rows = sum(j.rows for j in taken)
         now = time.perf_counter()
         if self.on_queue is not None:
             for job in taken:
                 self.on_queue(now - job.enqueued)
-        if not active and len(taken) == 1 and taken[0].may_run_alone:
-            taken[0].alone = True
+        if taken[0].alone:
             taken[0].finish()
             return []
         return taken
 
-    def _start(self, jobs: list[_Job]) -> list:
-        """Encode the images of ``jobs`` in one call; a search per job."""
+    def _start(self, jobs: list[_Job]) -> None:
+        """Encode the images of ``jobs`` in one call; a search per job, handed to the decoder."""
         from captioner.predictor import StepwiseSearch
 
-        pixels = np.concatenate([j.pixels for j in jobs])
+        pixels = np.concatenate([j.pixels for j in jobs]) if len(jobs) > 1 else jobs[0].pixels
         try:
             features = self._timed("encode", int(pixels.shape[0]), lambda: self.model.encode(pixels).numpy())
         except Exception as exc:
+            with self._cond:
+                self._encoding_rows = 0
             for job in jobs:
                 job.finish(error=exc)
-            return []
+            return
         started, offset = [], 0
         for job in jobs:
             images = int(job.pixels.shape[0])
@@ -230,16 +267,53 @@ class BatchScheduler:
             finally:
                 offset += images
             if search.done:
-                job.finish(search.result())
+                job.finish(search)
             else:
                 started.append((job, search))
-        return started
+        with self._cond:
+            self._ready += started
+            self._encoding_rows = 0
+            self._ensure_threads()
+            self._cond.notify_all()
+
+    # -- the decoder thread --------------------------------------------------------------------
+    def _decode_loop(self) -> None:
+        active: list = []       # [(job, StepwiseSearch)], in row order
+        arrivals: list = []
+        features = state = None
+        try:
+            while True:
+                with self._cond:
+                    if not active and not self._ready and not self._idle_wait(lambda: self._ready):
+                        self._decoder = None  # under the lock: the encoder starts a new one
+                        return
+                    arrivals, self._ready = self._ready, []
+                    self._decoding_rows = sum(s.rows for _, s in active) + sum(s.rows for _, s in arrivals)
+                if arrivals:
+                    features, state = self._join(features, state, [s for _, s in arrivals])
+                    active, arrivals = active + arrivals, []
+                before = len(active)
+                active, features, state = self._step(active, features, state)
+                if len(active) < before:
+                    with self._cond:
+                        self._decoding_rows = sum(s.rows for _, s in active)
+                        self._cond.notify_all()  # room for the encoder
+        except BaseException as exc:  # never leave a caller waiting on a decoder that died
+            log.exception("batch scheduler's decoder failed")
+            with self._cond:
+                pending, self._ready = list(self._ready), []
+                self._decoding_rows = 0
+                self._decoder = None
+                self._cond.notify_all()
+            for job, _ in active + arrivals + pending:
+                job.finish(error=exc)
 
     def _join(self, features, state, searches: list):
         import tensorflow as tf
 
         rows = sum(s.rows for s in searches)
-        new_features = tf.constant(np.concatenate([s.features for s in searches]))
+        parts = [s.features for s in searches]
+        new_features = tf.constant(np.concatenate(parts) if len(parts) > 1 else parts[0])
         new_state = tf.zeros([rows, *self._state_shape], tf.float32)
         if features is None:
             return new_features, new_state
@@ -266,7 +340,7 @@ class BatchScheduler:
             job.steps += 1
             if search.done:
                 finished = True
-                job.finish(search.result())
+                job.finish(search)
             else:
                 keep.append((job, search))
                 index.append(source + offset)
@@ -274,7 +348,9 @@ class BatchScheduler:
         if not keep:
             return [], None, None
         index = np.concatenate(index)
-        state = tf.gather(new_state, index)
+        # Greedy rows and beams that kept their order continue their own state: no copy.
+        state = new_state if (not finished and np.array_equal(index, np.arange(len(index)))) else \
+            tf.gather(new_state, index)
         if finished:
             # Beams of an image share its features, so the reorder within a request changes nothing.
             features = tf.gather(features, index)

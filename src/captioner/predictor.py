@@ -130,9 +130,7 @@ class StepwiseSearch:
         self.tokens = np.full([self.rows], C.START_ID, np.int32)
         self.t = 0
         self.done = self.max_length <= 0
-        start = (D.greedy_start(self.images, num_regions) if self.beam_size == 1
-                 else D.beam_start(self.images, self.beam_size, num_regions))
-        self._search = {name: value.numpy() for name, value in start.items()}
+        self._search = _start_np(self.images, self.beam_size, num_regions)
         self._penalty = D.penalties(self.max_length, self.alpha)
 
     @property
@@ -157,16 +155,78 @@ class StepwiseSearch:
         return source
 
     def result(self) -> dict[str, np.ndarray]:
-        """``decode_images``' output for this request: ``tokens [B, K, T]``, ``scores [B, K]``, ..."""
-        import tensorflow as tf
-
-        from captioner.model import decoding as D
-
-        search = {name: tf.constant(value) for name, value in self._search.items()}
+        """``decode_images``' output for this request: ``tokens [B, K, T]``, ``scores [B, K]``, ...
+        (``decoding.greedy_result``/``beam_result`` in NumPy, the same bits: tests compare them)."""
+        search = self._search
         if self.beam_size == 1:
-            out = D.greedy_result(search, self.alpha)
-            return {k: v.numpy()[:, None] for k, v in out.items()}
-        return {k: v.numpy() for k, v in D.beam_result(search, self.beam_size, self.alpha).items()}
+            scores, lengths = search["scores"], search["lengths"]
+            out = {"tokens": search["tokens"], "scores": scores / _normalizer(lengths, self.alpha),
+                   "log_probs": scores, "lengths": lengths, "attention": search["attention"],
+                   "finished": search["finished"]}
+            return {k: v[:, None] for k, v in out.items()}
+        return _beam_result_np(search, self.beam_size, self.alpha)
+
+
+def _normalizer(lengths: np.ndarray, alpha: float) -> np.ndarray:
+    """``length_normalizer(max(lengths, 1))`` by TensorFlow's own ops on the same shape as the
+    in-graph result computes it (a vectorised pow may round differently from a scalar one)."""
+    from captioner.model import decoding as D
+
+    return D.length_normalizer(np.maximum(lengths, 1), alpha).numpy()
+
+
+def _beam_result_np(search: dict[str, np.ndarray], k: int, alpha: float) -> dict[str, np.ndarray]:
+    """``decoding.beam_result`` on NumPy arrays: tf.argsort's stable order (ties keep the lower
+    index, descending too) is NumPy's stable argsort of the negated values."""
+    from captioner.model import decoding as D
+
+    raw, pool_scores = search["scores"], search["pool_scores"]
+    tokens, attention = search["tokens"], search["attention"]
+    batch_size, steps, num_regions = raw.shape[0], tokens.shape[1], attention.shape[-1]
+    live_lengths = np.tile(search["live_lengths"][:, None], [1, k])
+    live_scores = raw / _normalizer(live_lengths, alpha)
+    in_pool = pool_scores > np.float32(D.VALID)
+    tier = np.concatenate([np.where(in_pool, 0, 2), np.where(raw > np.float32(D.VALID), 1, 2)], axis=1)
+    normalised = np.concatenate([pool_scores, live_scores], axis=1)
+    by_score = np.argsort(-normalised, axis=1, kind="stable")
+    by_tier = np.argsort(np.take_along_axis(tier, by_score, axis=1), axis=1, kind="stable")
+    order = np.take_along_axis(by_score, by_tier, axis=1)[:, :k]
+    tokens = np.concatenate([search["pool_tokens"].reshape(batch_size, k, steps),
+                             tokens.reshape(batch_size, k, steps)], axis=1)
+    attention = np.concatenate([search["pool_attention"].reshape(batch_size, k, steps, num_regions),
+                                attention.reshape(batch_size, k, steps, num_regions)], axis=1)
+    finished = np.concatenate([in_pool, np.zeros([batch_size, k], bool)], axis=1)
+
+    def pick(x: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    return {"tokens": pick(tokens), "scores": pick(normalised),
+            "log_probs": pick(np.concatenate([search["pool_raw"], raw], axis=1)),
+            "lengths": pick(np.concatenate([search["pool_lengths"], live_lengths], axis=1)),
+            "attention": pick(attention), "finished": pick(finished)}
+
+
+def _start_np(images: int, beam_size: int, num_regions: int) -> dict[str, np.ndarray]:
+    """``decoding.greedy_start``/``beam_start`` as NumPy arrays (the same values and dtypes), built
+    without TensorFlow ops: a dozen eager ops cost milliseconds on the batch scheduler's thread."""
+    from captioner.model import decoding as D
+
+    def empty(rows: int, *shape: int, dtype=np.float32) -> np.ndarray:
+        return np.zeros([rows, *shape], dtype)
+
+    if beam_size == 1:
+        return {"tokens": empty(images, 0, dtype=np.int32), "attention": empty(images, 0, num_regions),
+                "scores": empty(images), "finished": empty(images, dtype=bool),
+                "lengths": empty(images, dtype=np.int32)}
+    k, rows = beam_size, images * beam_size
+    # Only the first beam is live at the start, so the k beams do not all pick the same word.
+    first = np.array([0.0] + [D.NEG_INF] * (k - 1), np.float32)
+    return {"tokens": empty(rows, 0, dtype=np.int32), "attention": empty(rows, 0, num_regions),
+            "scores": np.tile(first[None], [images, 1]), "live_lengths": empty(images, dtype=np.int32),
+            "pool_tokens": empty(rows, 0, dtype=np.int32), "pool_attention": empty(rows, 0, num_regions),
+            "pool_scores": np.full([images, k], D.EMPTY, np.float32),
+            "pool_raw": np.full([images, k], D.EMPTY, np.float32),
+            "pool_lengths": empty(images, k, dtype=np.int32), "done": empty(images, dtype=bool)}
 
 
 class SavedModelCaptioner:

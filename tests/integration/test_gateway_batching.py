@@ -14,7 +14,7 @@ from captioner.serving.settings import Settings
 from PIL import Image
 
 from captioner.model import decoding as D
-from captioner.predictor import SavedModelCaptioner, results_from_decode
+from captioner.predictor import SavedModelCaptioner, StepwiseSearch, results_from_decode
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +70,33 @@ def test_numpy_greedy_update_equals_the_graph_update():
         _same(search, mine)
 
 
+@pytest.mark.parametrize("beam_size,alpha", [(1, 0.6), (3, 1.2), (4, 0.0), (2, -0.5)])
+def test_stepwise_search_start_and_result_equal_the_graph_ones(beam_size, alpha):
+    # StepwiseSearch builds its start and its result in NumPy (the batch scheduler's threads must
+    # not spend milliseconds on eager ops): the same bits as decoding's, at every position.
+    rng = np.random.default_rng(beam_size)
+    images, vocab, regions, max_length = 3, 11, 4, 8
+    search = StepwiseSearch(np.zeros([images, regions, 2], np.float32), beam_size=beam_size,
+                            max_length=max_length, length_penalty=alpha, num_regions=regions)
+    start = D.greedy_start(images, regions) if beam_size == 1 else D.beam_start(images, beam_size, regions)
+    for name, value in start.items():
+        assert search._search[name].dtype == value.dtype.as_numpy_dtype, name
+    _same(start, search._search)
+    while True:
+        graph = {k: tf.constant(v) for k, v in search._search.items()}
+        if beam_size == 1:
+            expected = {k: v.numpy()[:, None] for k, v in D.greedy_result(graph, alpha).items()}
+        else:
+            expected = D.beam_result(graph, beam_size, alpha)
+        mine = search.result()
+        assert mine.keys() == expected.keys()
+        _same(expected, mine)
+        if search.done:
+            break
+        search.advance(_random_log_probs(rng, search.rows, vocab),
+                       rng.random((search.rows, regions)).astype(np.float32))
+
+
 # -- the scheduler over the smoke run's SavedModel ---------------------------------------------
 class Recording:
     """The real model, with the positions of every decode_step call kept."""
@@ -123,12 +150,13 @@ def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone
     joined = threading.Event()
 
     def on_batch(signature, rows):
-        # After the first shared step, the later requests queue up and join the loop at the next one.
+        # After the first shared step, the later requests are encoded (by the encoder thread, while
+        # the decoder waits here) and join the loop at the next step.
         if signature == "decode_step" and not joined.is_set():
             joined.set()
             for thread in later:
                 thread.start()
-            while len(scheduler._queue) < len(later):
+            while len(scheduler._ready) < len(later):
                 threading.Event().wait(0.001)
 
     scheduler.on_batch = on_batch
