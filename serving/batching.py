@@ -278,25 +278,26 @@ class BatchScheduler:
 
     # -- the decoder thread --------------------------------------------------------------------
     def _decode_loop(self) -> None:
-        active: list = []       # [(job, StepwiseSearch)], in row order
+        groups: list = []       # [SearchGroup], in row order; a group per (beam size, max length, penalty)
+        jobs: dict[int, _Job] = {}  # id(search) -> its request
         arrivals: list = []
         features = state = None
         try:
             while True:
                 with self._cond:
-                    if not active and not self._ready and not self._idle_wait(lambda: self._ready):
+                    if not groups and not self._ready and not self._idle_wait(lambda: self._ready):
                         self._decoder = None  # under the lock: the encoder starts a new one
                         return
                     arrivals, self._ready = self._ready, []
-                    self._decoding_rows = sum(s.rows for _, s in active) + sum(s.rows for _, s in arrivals)
+                    self._decoding_rows = sum(g.rows for g in groups) + sum(s.rows for _, s in arrivals)
                 if arrivals:
-                    features, state = self._join(features, state, [s for _, s in arrivals])
-                    active, arrivals = active + arrivals, []
-                before = len(active)
-                active, features, state = self._step(active, features, state)
-                if len(active) < before:
+                    features, state = self._join(groups, jobs, features, state, arrivals)
+                    arrivals = []
+                left, features, state = self._step(groups, jobs, features, state)
+                groups[:] = [g for g in groups if g.members]
+                if left:
                     with self._cond:
-                        self._decoding_rows = sum(s.rows for _, s in active)
+                        self._decoding_rows = sum(g.rows for g in groups)
                         self._cond.notify_all()  # room for the encoder
         except BaseException as exc:  # never leave a caller waiting on a decoder that died
             log.exception("batch scheduler's decoder failed")
@@ -305,56 +306,85 @@ class BatchScheduler:
                 self._decoding_rows = 0
                 self._decoder = None
                 self._cond.notify_all()
-            for job, _ in active + arrivals + pending:
+            for job in list(jobs.values()) + [j for j, _ in arrivals + pending]:
                 job.finish(error=exc)
 
-    def _join(self, features, state, searches: list):
+    def _join(self, groups: list, jobs: dict, features, state, arrivals: list):
+        """Add the encoded searches to their groups; the features and (zero) decode state of their
+        rows join the loop's, reordered to the groups' row order if a search joined a group that
+        is not the last."""
         import tensorflow as tf
 
-        rows = sum(s.rows for s in searches)
-        parts = [s.features for s in searches]
+        from captioner.predictor import SearchGroup
+
+        old = [(g, g.rows) for g in groups]
+        added: dict[int, list[int]] = {}   # id(group) -> rows of the new block, in order
+        block = 0
+        for job, search in arrivals:
+            key = (search.beam_size, search.max_length, search.alpha)
+            group = next((g for g in groups if g.key == key), None)
+            if group is None:
+                group = SearchGroup(*key, self._num_regions)
+                groups.append(group)
+            group.add(search)
+            jobs[id(search)] = job
+            added.setdefault(id(group), []).extend(range(block, block + search.rows))
+            block += search.rows
+        parts = [s.features for _, s in arrivals]
         new_features = tf.constant(np.concatenate(parts) if len(parts) > 1 else parts[0])
-        new_state = tf.zeros([rows, *self._state_shape], tf.float32)
-        if features is None:
+        new_state = tf.zeros([block, *self._state_shape], tf.float32)
+        if features is not None:
+            new_features, new_state = tf.concat([features, new_features], 0), tf.concat([state, new_state], 0)
+        before = sum(rows for _, rows in old)
+        order, offset = [], 0
+        for group in groups:
+            rows = next((r for g, r in old if g is group), 0)
+            order += list(range(offset, offset + rows)) + [before + i for i in added.get(id(group), [])]
+            offset += rows
+        order = np.asarray(order)
+        if np.array_equal(order, np.arange(len(order))):
             return new_features, new_state
-        return tf.concat([features, new_features], 0), tf.concat([state, new_state], 0)
+        return tf.gather(new_features, order), tf.gather(new_state, order)
 
-    def _step(self, active: list, features, state):
-        """One ``decode_step`` over every active row; each search advances; finished ones leave."""
+    def _step(self, groups: list, jobs: dict, features, state):
+        """One ``decode_step`` over every active row; each group advances; finished searches leave.
+        Returns ``(whether any left, features, state)``."""
         import tensorflow as tf
 
-        tokens = np.concatenate([s.tokens for _, s in active])
-        position = np.concatenate([s.position for _, s in active])
+        tokens = np.concatenate([g.tokens for g in groups])
+        position = np.concatenate([g.position for g in groups])
         try:
             log_probs, attention, new_state = self._timed(
                 "decode_step", len(tokens), lambda: self.model.decode_step(features, tokens, state, position))
         except Exception as exc:
-            for job, _ in active:
+            for job in jobs.values():
                 job.finish(error=exc)
-            return [], None, None
+            jobs.clear()
+            for group in groups:
+                group.members.clear()
+            return True, None, None
         log_probs, attention = log_probs.numpy(), attention.numpy()
-        keep, index, offset, finished = [], [], 0, False
-        for job, search in active:
-            rows = slice(offset, offset + search.rows)
-            source = search.advance(log_probs[rows], attention[rows])
-            job.steps += 1
-            if search.done:
-                finished = True
+        index, offset, left = [], 0, False
+        for group in groups:
+            rows = group.rows
+            source, finished = group.advance(log_probs[offset:offset + rows], attention[offset:offset + rows])
+            index.append(source + offset)
+            for search in finished:
+                job = jobs.pop(id(search))
+                job.steps = search.t
                 job.finish(search)
-            else:
-                keep.append((job, search))
-                index.append(source + offset)
-            offset += search.rows
-        if not keep:
-            return [], None, None
+                left = True
+            offset += rows
         index = np.concatenate(index)
+        if not len(index):
+            return left, None, None
         # Greedy rows and beams that kept their order continue their own state: no copy.
-        state = new_state if (not finished and np.array_equal(index, np.arange(len(index)))) else \
+        state = new_state if (not left and np.array_equal(index, np.arange(len(index)))) else \
             tf.gather(new_state, index)
-        if finished:
+        if left:
             # Beams of an image share its features, so the reorder within a request changes nothing.
             features = tf.gather(features, index)
-        return keep, features, state
+        return left, features, state
 
     def _timed(self, signature: str, rows: int, call: Callable):
         started = time.perf_counter()

@@ -206,6 +206,181 @@ def _beam_result_np(search: dict[str, np.ndarray], k: int, alpha: float) -> dict
             "attention": pick(attention), "finished": pick(finished)}
 
 
+# The fields of decoding's searches that grow by one position per step.
+_HISTORIES = {"tokens", "attention", "pool_tokens", "pool_attention"}
+
+
+class SearchGroup:
+    """The searches of many requests with the same beam size, max length and length penalty, each at
+    its own position, advanced together: one NumPy update for all their images per ``decode_step``
+    (the batch scheduler's shared loop), where ``StepwiseSearch.advance`` costs some ninety small
+    NumPy calls per request. Each search's result is the one ``StepwiseSearch.advance`` gives it
+    alone (tests compare them step by step).
+
+    Rows are the members' rows in member order (joined searches go last). The histories live in
+    buffers of ``max_length`` positions, written at each image's own position; a search's arrays are
+    its rows and its first ``t`` positions, which equal ``decoding``'s growing arrays because the
+    unwritten positions hold zeros (``PAD_ID``, no attention), what those append."""
+
+    def __init__(self, beam_size: int, max_length: int, length_penalty: float, num_regions: int):
+        from captioner.model import decoding as D
+
+        self.beam_size, self.max_length = int(beam_size), int(max_length)
+        self.alpha, self.num_regions = float(length_penalty), int(num_regions)
+        self.members: list[StepwiseSearch] = []
+        self._penalty = D.penalties(self.max_length, self.alpha)
+        self._t = np.zeros([0], np.int32)                  # per image
+        self.tokens = np.zeros([0], np.int32)              # per row: what the next decode_step feeds
+        self._search: dict[str, np.ndarray] = {}
+
+    @property
+    def key(self) -> tuple[int, int, float]:
+        return self.beam_size, self.max_length, self.alpha
+
+    @property
+    def rows(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def position(self) -> np.ndarray:
+        return np.repeat(self._t, self.beam_size)
+
+    def add(self, search: StepwiseSearch) -> None:
+        """Take a search that has not advanced yet; its rows go last."""
+        if (search.beam_size, search.max_length, search.alpha) != self.key or search.t != 0:
+            raise ValueError("a group takes fresh searches of its own beam size, max length and length penalty")
+        fresh = {}
+        for name, value in search._search.items():
+            if name in _HISTORIES:  # positions go in a buffer
+                value = np.zeros([value.shape[0], self.max_length, *value.shape[2:]], value.dtype)
+            fresh[name] = value
+        self._search = fresh if not self.members else {
+            name: np.concatenate([self._search[name], value]) for name, value in fresh.items()}
+        self._t = np.concatenate([self._t, np.zeros([search.images], np.int32)])
+        self.tokens = np.concatenate([self.tokens, search.tokens])
+        self.members.append(search)
+
+    def advance(self, log_probs: np.ndarray, attention: np.ndarray) -> tuple[np.ndarray, list[StepwiseSearch]]:
+        """Take the group's ``log_probs [rows, V]`` and ``attention [rows, N]``; returns ``(source,
+        finished)``: for each row that goes on (in the new row order, the finished searches' rows
+        removed), the row (of the group before this step) whose decode state it continues; and the
+        searches that finished, holding their final arrays (``result()`` is theirs alone)."""
+        from captioner.model import decoding as D
+
+        vocab = log_probs.shape[-1]
+        t_rows = self.position
+        masked = np.asarray(log_probs, np.float32) + D._np_mask(vocab, 1)[None]
+        first = t_rows == 0
+        if first.any():
+            masked[first] = np.asarray(log_probs, np.float32)[first] + D._np_mask(vocab, 0)[None]
+        attention = np.asarray(attention, np.float32)
+        source = self._greedy(masked, attention) if self.beam_size == 1 else self._beam(masked, attention)
+        self._t = self._t + 1
+        return self._leave(source)
+
+    def _greedy(self, log_probs: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        search, rows = self._search, np.arange(len(self._t))
+        finished = search["finished"]
+        token = np.where(finished, C.PAD_ID, np.argmax(log_probs, axis=-1)).astype(np.int32)
+        gain = log_probs[rows, token]
+        search["tokens"][rows, self._t] = token
+        search["attention"][rows, self._t] = attention
+        search["scores"] = search["scores"] + np.where(finished, np.float32(0), gain)
+        search["finished"] = finished | (token == C.END_ID)
+        search["lengths"] = search["lengths"] + (~finished).astype(np.int32)
+        self.tokens = token
+        return rows
+
+    def _beam(self, log_probs: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        """``decoding.beam_advance_np`` with a position per image."""
+        from captioner.model import decoding as D
+
+        k, search, t = self.beam_size, self._search, self._t
+        scores, done = search["scores"], search["done"]
+        batch_size = scores.shape[0]
+        rows, vocab = batch_size * k, log_probs.shape[-1]
+        t_rows, every_row = np.repeat(t, k), np.arange(rows)
+        base = np.arange(batch_size)[:, None] * k
+        candidates = (scores[:, :, None] + log_probs.reshape(batch_size, k, vocab)).reshape(batch_size, k * vocab)
+        index = D._np_top_k(candidates, 2 * k)
+        top = np.take_along_axis(candidates, index, axis=1)
+        top_beam, top_token = index // vocab, index % vocab
+        ends = top_token == C.END_ID
+        top_source = (base + top_beam).reshape(-1)
+        frozen = np.repeat(done, k)
+
+        pick = np.argsort(ends, axis=1, kind="stable")[:, :k]
+        new_scores = np.where(done[:, None], scores, np.take_along_axis(top, pick, axis=1))
+        token = np.where(frozen, C.PAD_ID, np.take_along_axis(top_token, pick, axis=1).reshape(-1)).astype(np.int32)
+        source = np.where(frozen, every_row, np.take_along_axis(base + top_beam, pick, axis=1).reshape(-1))
+        tokens, attention_so_far = search["tokens"], search["attention"]
+        new_tokens = tokens[source]
+        new_tokens[every_row, t_rows] = token
+        new_attention = attention_so_far[source]
+        new_attention[every_row, t_rows] = np.where(frozen[:, None], np.float32(0), attention[source])
+
+        length = t + 1
+        ended = ends & (top > np.float32(D.VALID)) & ~done[:, None]
+        ended_scores = np.where(ended, top / self._penalty[length][:, None], np.float32(D.EMPTY))
+        merged = np.concatenate([search["pool_scores"], ended_scores], axis=1)
+        take = np.argsort(-merged, axis=1, kind="stable")[:, :k]
+        new_pool_scores = np.take_along_axis(merged, take, axis=1)
+        ended_rows, t_ended = np.arange(2 * rows), np.repeat(t, 2 * k)
+        ended_tokens = tokens[top_source]
+        ended_tokens[ended_rows, t_ended] = C.END_ID
+        ended_attention = attention_so_far[top_source]
+        ended_attention[ended_rows, t_ended] = attention[top_source]
+        steps, regions = self.max_length, self.num_regions
+        all_tokens = np.concatenate([search["pool_tokens"].reshape(batch_size, k, steps),
+                                     ended_tokens.reshape(batch_size, 2 * k, steps)], axis=1)
+        all_attention = np.concatenate([search["pool_attention"].reshape(batch_size, k, steps, regions),
+                                        ended_attention.reshape(batch_size, 2 * k, steps, regions)], axis=1)
+        search["pool_tokens"] = np.take_along_axis(all_tokens, take[:, :, None], axis=1).reshape(rows, steps)
+        search["pool_attention"] = np.take_along_axis(all_attention, take[:, :, None, None], axis=1).reshape(
+            rows, steps, regions)
+        search["pool_raw"] = np.take_along_axis(np.concatenate([search["pool_raw"], top], axis=1), take, axis=1)
+        search["pool_lengths"] = np.take_along_axis(np.concatenate(
+            [search["pool_lengths"], np.repeat(length[:, None], 2 * k, axis=1)], axis=1), take, axis=1)
+        search["live_lengths"] = search["live_lengths"] + (~done).astype(np.int32)
+        best_live = new_scores.max(axis=1)
+        divisor = np.maximum(self._penalty[t + 2], self._penalty[self.max_length])
+        worst = new_pool_scores[:, k - 1]
+        settled = ((worst > np.float32(D.VALID)) & (worst >= best_live / divisor)) | (best_live <= np.float32(D.VALID))
+        search.update(tokens=new_tokens, attention=new_attention, scores=new_scores, pool_scores=new_pool_scores,
+                      done=done | settled)
+        self.tokens = token
+        return source
+
+    def _leave(self, source: np.ndarray) -> tuple[np.ndarray, list[StepwiseSearch]]:
+        k = self.beam_size
+        over = self._search["finished" if k == 1 else "done"]
+        kept_images, finished, image = [], [], 0
+        for search in self.members:
+            images = slice(image, image + search.images)
+            search.t += 1
+            if over[images].all() or search.t >= self.max_length:
+                search.done = True
+                rows = slice(image * k, (image + search.images) * k)
+                # Per image or per row (as decoding's arrays are), histories cut to the positions taken.
+                search._search = {name: (value[images] if len(value) == len(self._t) else value[rows])
+                                  for name, value in self._search.items()}
+                for name in _HISTORIES & search._search.keys():
+                    search._search[name] = search._search[name][:, :search.t]
+                finished.append(search)
+            else:
+                kept_images.append(np.arange(images.start, images.stop))
+            image += search.images
+        if not finished:
+            return source, []
+        self.members = [s for s in self.members if not s.done]
+        images = np.concatenate(kept_images) if kept_images else np.zeros([0], np.int64)
+        rows = (images[:, None] * k + np.arange(k)).reshape(-1)
+        self._search = {name: (value[images] if len(value) == len(self._t) else value[rows])
+                        for name, value in self._search.items()}
+        self._t, self.tokens = self._t[images], self.tokens[rows]
+        return source[rows], finished
+
+
 def _start_np(images: int, beam_size: int, num_regions: int) -> dict[str, np.ndarray]:
     """``decoding.greedy_start``/``beam_start`` as NumPy arrays (the same values and dtypes), built
     without TensorFlow ops: a dozen eager ops cost milliseconds on the batch scheduler's thread."""

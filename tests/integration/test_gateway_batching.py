@@ -14,7 +14,7 @@ from captioner.serving.settings import Settings
 from PIL import Image
 
 from captioner.model import decoding as D
-from captioner.predictor import SavedModelCaptioner, StepwiseSearch, results_from_decode
+from captioner.predictor import SavedModelCaptioner, SearchGroup, StepwiseSearch, results_from_decode
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,54 @@ def test_stepwise_search_start_and_result_equal_the_graph_ones(beam_size, alpha)
             break
         search.advance(_random_log_probs(rng, search.rows, vocab),
                        rng.random((search.rows, regions)).astype(np.float32))
+
+
+@pytest.mark.parametrize("beam_size,alpha,max_length", [(1, 0.6, 7), (3, 1.2, 9), (4, 0.0, 6), (2, -0.5, 8)])
+def test_search_group_steps_each_search_as_it_steps_alone(beam_size, alpha, max_length):
+    # The scheduler advances all searches of one kind in one NumPy update, each image at its own
+    # position: every search must see the tokens, state reordering and result it gets alone.
+    rng = np.random.default_rng(10 + beam_size)
+    vocab, regions = 9, 4
+    group = SearchGroup(beam_size, max_length, alpha, regions)
+
+    def fresh(images):
+        return StepwiseSearch(np.zeros([images, regions, 2], np.float32), beam_size=beam_size,
+                              max_length=max_length, length_penalty=alpha, num_regions=regions)
+
+    arrivals = {0: [2, 1], 2: [3], 3: [1], 5: [2, 1]}   # step -> images of the searches joining then
+    alone: dict[int, StepwiseSearch] = {}
+    finished_count, mixed, step = 0, False, 0
+    while step <= max(arrivals) or group.members:
+        for images in arrivals.get(step, []):
+            search = fresh(images)
+            group.add(search)
+            alone[id(search)] = fresh(images)
+        step += 1
+        if not group.members:
+            continue
+        twins = [alone[id(s)] for s in group.members]
+        np.testing.assert_array_equal(group.tokens, np.concatenate([t.tokens for t in twins]))
+        np.testing.assert_array_equal(group.position, np.concatenate([t.position for t in twins]))
+        mixed |= len(set(group.position.tolist())) > 1
+        log_probs = _random_log_probs(rng, group.rows, vocab)
+        attention = rng.random((group.rows, regions)).astype(np.float32)
+        expected_source, offset = [], 0
+        for twin in twins:
+            rows = slice(offset, offset + twin.rows)
+            source = twin.advance(log_probs[rows], attention[rows])
+            if not twin.done:
+                expected_source.append(source + offset)
+            offset += twin.rows
+        members = list(group.members)
+        source, finished = group.advance(log_probs, attention)
+        assert [id(s) for s in finished] == [id(s) for s, t in zip(members, twins, strict=True) if t.done]
+        np.testing.assert_array_equal(source, np.concatenate(expected_source) if expected_source else [])
+        for search in finished:
+            twin = alone[id(search)]
+            assert search.done and search.t == twin.t
+            _same(twin.result(), search.result())
+        finished_count += len(finished)
+    assert finished_count == sum(len(v) for v in arrivals.values()) and mixed
 
 
 # -- the scheduler over the smoke run's SavedModel ---------------------------------------------
