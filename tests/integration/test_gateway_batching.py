@@ -14,7 +14,7 @@ from captioner.serving.settings import Settings
 from PIL import Image
 
 from captioner.model import decoding as D
-from captioner.predictor import SavedModelCaptioner, SearchGroup, StepwiseSearch, results_from_decode
+from captioner.predictor import SavedModelCaptioner, SearchGroup, StepwiseSearch, _top_k, results_from_decode
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +55,16 @@ def test_numpy_beam_top_k_breaks_ties_by_index_on_a_large_vocabulary():
     x = np.zeros([2, 500], np.float32)
     x[0, [7, 300, 400]] = 1.0
     np.testing.assert_array_equal(D._np_top_k(x, 6), tf.math.top_k(x, 6).indices.numpy())
+
+
+def test_search_group_top_k_equals_the_row_by_row_one():
+    # Rows without a tie at the k-th value in one go, the others row by row: the same indices.
+    rng = np.random.default_rng(3)
+    x = rng.random((40, 300)).astype(np.float32)
+    x[::3] = rng.integers(0, 4, (14, 300)).astype(np.float32)   # ties at the threshold and above
+    x[1, [5, 9]] = x[1].max()                                    # a tie among the largest
+    np.testing.assert_array_equal(_top_k(x, 6), D._np_top_k(x, 6))
+    np.testing.assert_array_equal(_top_k(x, 6), tf.math.top_k(x, 6).indices.numpy())
 
 
 def test_numpy_greedy_update_equals_the_graph_update():
