@@ -8,12 +8,16 @@ duration and outputs; ``captioner runs list|show`` read those records.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import re
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,9 @@ class _TaskEvents(logging.Filter):
     """Reads kfp.local's log lines for task start, cache hits and completion (it logs on the root
     logger and replaces its handlers, so a logger-level filter is what sees every line)."""
 
-    def __init__(self):
+    def __init__(self, echo=None):
         super().__init__()
+        self.echo = echo  # called with a one-line summary of each task's start and end
         self.tasks: dict[str, dict[str, Any]] = {}
         # A task inside dsl.ParallelFor logs under the same name once per iteration: counted here.
         self.counts: dict[str, dict[str, int]] = {}
@@ -53,11 +58,19 @@ class _TaskEvents(logging.Filter):
         now = record.created
         if m := re.match(r"Executing task '?([\w-]+)'?", message):
             self.tasks.setdefault(m[1], {}).setdefault("started", now)
+            self._echo(f"step {m[1]}: running")
         elif m := re.match(r"Task '?([\w-]+)'? cache hit \(key=(\w+)\)", message):
             self._event(m[1], "cached", now, cache_key=m[2])
+            self._echo(f"step {m[1]}: cached")
         elif m := re.match(r"Task '?([\w-]+)'? finished with status (\w+)", message):
             self._event(m[1], "succeeded" if m[2] == "SUCCESS" else "failed", now)
+            started = self.tasks[m[1]].get("started", now)
+            self._echo(f"step {m[1]}: {self.tasks[m[1]]['status']} ({now - started:.1f}s)")
         return True
+
+    def _echo(self, line: str) -> None:
+        if self.echo is not None:
+            self.echo(line)
 
 
 _RANK = {"cached": 0, "succeeded": 1, "failed": 2}
@@ -115,7 +128,10 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
         os.environ[QUIET_STEPS_ENV] = "1"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                enable_caching=cache, raise_on_error=True)
-    events = _TaskEvents()
+    verbose = bool(os.environ.get("CAPTIONER_VERBOSE"))
+    events = _TaskEvents(echo=None if verbose else lambda line: print(line, file=sys.stderr, flush=True))
+    (pipeline_root / RUNS_DIR).mkdir(exist_ok=True)
+    partial_log = pipeline_root / RUNS_DIR / f".{os.getpid()}-{time.time_ns()}.log.partial"
     root_logger = logging.getLogger()
     root_logger.addFilter(events)
     # kfp.local logs cache hits outside its own logging context: let INFO records through to the filter.
@@ -128,7 +144,8 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
     started = time.time()
     error = None
     try:
-        create_pipeline(image)(**params)
+        with contextlib.nullcontext() if verbose else _kfp_output_to(partial_log):
+            create_pipeline(image)(**params)
     except Exception as exc:  # a failed step: recorded below, then reported in one line
         error = exc
     finally:
@@ -137,6 +154,10 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
     new = sorted({p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")} - before)
     run_id = new[-1] if new else f"{PIPELINE_NAME}-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
     record = _record(run_id, pipeline_root, params, _fold_fanout(events), started, error)
+    if partial_log.is_file():
+        log = pipeline_root / RUNS_DIR / f"{run_id}.log"
+        os.replace(partial_log, log)
+        record["log"] = str(log)
     atomic_write_json(pipeline_root / RUNS_DIR / f"{run_id}.json", record)
     if error is not None:
         failed = [name for name, task in record["tasks"].items() if task["status"] == "failed"]
@@ -144,8 +165,21 @@ def run_local(config: str = "synthetic", overrides: list[str] | None = None, *, 
             failed = ["extract-features"]
         raise CaptionerError(f"pipeline run {run_id} failed at step {', '.join(failed) or '?'}: "
                              f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}; "
-                             f"nothing was registered (record: {pipeline_root / RUNS_DIR / (run_id + '.json')})")
+                             f"nothing was registered (record: {pipeline_root / RUNS_DIR / (run_id + '.json')}"
+                             + (f"; the steps' output: {record['log']})" if "log" in record else ")"))
     return record
+
+
+@contextlib.contextmanager
+def _kfp_output_to(path: Path) -> Iterator[None]:
+    """Send what kfp.local prints (each step's executor input, streamed output and outputs, on
+    stdout) and warns (options the local runner ignores) to ``path``: the terminal gets one line per
+    step instead; the file keeps everything for a failed step. ``--verbose`` leaves both on screen."""
+    with path.open("w", encoding="utf-8", buffering=1) as handle, contextlib.redirect_stdout(handle), \
+            warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: handle.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        yield
 
 
 # The fanned-out extraction's tasks, shown as the one "extract-features" step of the run record.

@@ -257,10 +257,13 @@ def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
 def test_failing_step_stops_the_run_and_registers_nothing(tmp_path, captioner_cache):
     root, repo = tmp_path / "root", tmp_path / "models"
     # The data are read first by the fingerprint step.
-    with pytest.raises(CaptionerError, match="failed at step fingerprint"):
+    with pytest.raises(CaptionerError, match="failed at step fingerprint") as failed:
         run_local("smoke", ["data.format=flickr8k", f"data.root={tmp_path / 'nowhere'}"], pipeline_root=root,
                   model_repo=str(repo), bleu4_floor=0.0)
     record = list_runs(root)[-1]
+    # The error names the log of the steps' own output, which holds the failing step's message.
+    assert f"the steps' output: {record['log']}" in str(failed.value)
+    assert str(tmp_path / "nowhere") in Path(record["log"]).read_text()
     assert record["status"] == "failed" and record["tasks"]["fingerprint"]["status"] == "failed"
     assert record["tasks"]["tokenize"]["status"] == "not run"
     assert record["tasks"]["register"]["status"] == "not run"

@@ -32,6 +32,13 @@ def local_run(tmp_path_factory, captioner_cache):
 
 def test_report_is_an_html_file_shown_as_a_file_url(local_run):
     root, run_id, run_output = local_run
+    # kfp.local's own output (executor input JSON, streamed step logs, warnings) goes to the run's log,
+    # not to the terminal, which gets one line per step start and end.
+    assert "executor_input" not in run_output and "Streamed logs" not in run_output, run_output
+    assert "UserWarning" not in run_output and "step train: succeeded" in run_output, run_output
+    log = root / "captioner-runs" / f"{run_id}.log"
+    assert "executor_input" in log.read_text() and "Streamed logs" in log.read_text()
+    assert json.loads((root / "captioner-runs" / f"{run_id}.json").read_text())["log"] == str(log)
     report_line = next(line for line in run_output.splitlines() if line.startswith("report: "))
     assert report_line.startswith("report: file:///") and report_line.endswith("/evaluate/report.html")
 
