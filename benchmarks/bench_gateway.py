@@ -179,6 +179,14 @@ def batching_comparison(args) -> None:
         "errors": sum(r["errors"] for runs in results["runs"].values() for r in runs.values()),
         "captions_identical": all(r["captions_identical"] for runs in results["runs"].values()
                                   for r in runs.values())}
+    summary = results["summary"]
+    # Issue #11's acceptance, each part on its own.
+    results["acceptance"] = {
+        "scaling_on_at_least_2.5": summary["scaling_on_16_vs_1"] >= 2.5,
+        "p99_16_on_below_off": summary["p99_16_on_ms"] < summary["p99_16_off_ms"],
+        "p50_1_on_within_10pct_of_off": abs(summary["p50_1_on_vs_off"] - 1) <= 0.10,
+        "no_errors": summary["errors"] == 0, "captions_identical": summary["captions_identical"]}
+    print("acceptance", json.dumps(results["acceptance"]), flush=True)
     print("summary", json.dumps(results["summary"]), flush=True)
     out = Path(__file__).resolve().parent / "results" / f"gateway-batching-{results['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
