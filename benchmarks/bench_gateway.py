@@ -17,7 +17,7 @@ Prints the figures and saves them to benchmarks/results/gateway-<date>.json.
 16 by default, so that 16 requests are in flight at once) with ``CAPTIONER_BATCHING=on`` and
 ``off``: throughput, p50 and p99 at 1 and 16 concurrent clients, errors, and whether every caption
 (and n-best list) equals the library's unbatched decoding of the image. Saved to
-benchmarks/results/gateway-batching-<date>.json.
+benchmarks/results/gateway-batching-<date>-<HHMM>.json.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def batching_comparison(args) -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "saved_model": str(args.saved_model),
                      "image": args.image.name, "beam_size": args.beam_size, "workers": args.workers,
                      "threads": args.threads, "seconds": args.seconds, "library_caption": library.caption,
-                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {}}
+                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {},
+                     "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                  cwd=Path(__file__).resolve().parent).stdout.strip()}
     try:
         for batching in ("on", "off"):
             server, url = start_server(repo_dir, args, CAPTIONER_BATCHING=batching)
@@ -188,7 +190,8 @@ def batching_comparison(args) -> None:
         "no_errors": summary["errors"] == 0, "captions_identical": summary["captions_identical"]}
     print("acceptance", json.dumps(results["acceptance"]), flush=True)
     print("summary", json.dumps(results["summary"]), flush=True)
-    out = Path(__file__).resolve().parent / "results" / f"gateway-batching-{results['date']}.json"
+    # Several runs a day (on/off comparisons repeated): the time keeps them apart.
+    out = Path(__file__).resolve().parent / "results" / f"gateway-batching-{time.strftime('%Y-%m-%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"saved {out}")
