@@ -16,6 +16,8 @@ from captioner.errors import ImageError
 from captioner.features.backbones import build_backbone
 from captioner.features.extract import FeatureStore, ShardFile, backbone_fn, decode_file, extract_features
 
+from .test_images import pillow_reference
+
 pytestmark = pytest.mark.unit
 RNG = np.random.default_rng(11)
 
@@ -73,7 +75,8 @@ def test_decode_file_gives_load_images_pixels_and_errors(tmp_path):
 def test_plain_jpegs_are_decoded_once_and_give_the_same_features(tmp_path):
     """Extraction of square RGB JPEGs of the backbone's size never runs the TensorFlow decoder
     (the second decode ``load_image`` does after Pillow's); the features are those of the backbone
-    on ``load_image``'s pixels, to the bit, flipped copies included."""
+    on the preprocessing's pixels (``pillow_reference``, which ``load_image`` gives to the bit: the
+    test above and test_images), flipped copies included."""
     size = 56  # a size no other test decodes at: its TensorFlow decoder is traced only if used here
     cfg = FeaturesConfig(backbone="patches", weights="none", image_size=size, batch_size=4, shard_size=6)
     folder = tmp_path / "images"
@@ -87,7 +90,8 @@ def test_plain_jpegs_are_decoded_once_and_give_the_same_features(tmp_path):
                              progress=False, backbone=backbone)
     assert size not in image_module._DECODERS  # the cache of traced TensorFlow decoders, one per size
 
-    pixels = np.stack([load_image(folder / name, size) for name in names])
+    # Not load_image: tracing its decoder for this size would cost seconds of the suite's time.
+    pixels = np.stack([pillow_reference((folder / name).read_bytes(), size) for name in names])
     pixels = np.concatenate([pixels, pixels[:3, :, ::-1]])
     expected = backbone(pixels.astype(np.float32)).numpy().astype(np.float16)
     got = store.load([*names, *(name + "#flip" for name in names[:3])])
