@@ -115,10 +115,11 @@ class LocalBackend:
 
     def __init__(self, model_repo: str = "", model_name: str = "captioner", model_dir: str = "",
                  poll_seconds: float = 5.0, batching: bool = False, batch_max_size: int = 128,
-                 batch_timeout_ms: float = 1.0):
+                 batch_timeout_ms: float = 1.0, batch_encode_wait_ms: float = 0.0):
         self.model_repo, self.model_name, self.model_dir = model_repo, model_name, model_dir
         self.poll_seconds = poll_seconds
         self.batching, self.batch_max_size, self.batch_timeout_ms = batching, batch_max_size, batch_timeout_ms
+        self.batch_encode_wait_ms = batch_encode_wait_ms
         self._lock = threading.Lock()
         # (SavedModelCaptioner, version, its BatchScheduler or None): a request keeps all three.
         self._current: tuple[Any, str, Any] | None = None
@@ -222,7 +223,8 @@ class LocalBackend:
             return None
         from captioner.serving.batching import BatchScheduler
 
-        return BatchScheduler(model, self.batch_max_size, self.batch_timeout_ms / 1000.0)
+        return BatchScheduler(model, self.batch_max_size, self.batch_timeout_ms / 1000.0,
+                              encode_wait_seconds=self.batch_encode_wait_ms / 1000.0)
 
     def _report(self, scheduler) -> None:
         # Late-bound: the app sets the hooks after constructing the backend.
@@ -509,4 +511,5 @@ def make_backend(settings):
     return LocalBackend(settings.model_repo, settings.model_name, settings.model_dir, settings.poll_seconds,
                         batching=getattr(settings, "batching", False),
                         batch_max_size=getattr(settings, "batch_max_size", 128),
-                        batch_timeout_ms=getattr(settings, "batch_timeout_ms", 1.0))
+                        batch_timeout_ms=getattr(settings, "batch_timeout_ms", 1.0),
+                        batch_encode_wait_ms=getattr(settings, "batch_encode_wait_ms", 0.0))

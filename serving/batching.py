@@ -3,16 +3,19 @@
 Two threads per loaded model version own every request's search, one per stage, so that the
 backbone of new requests and the decode steps of running ones use the two cores at the same time:
 
-* the encoder: a request waits in a queue; when nothing is decoding it waits up to
-  ``timeout_seconds`` for more to arrive, then encodes every waiting request's images in one
-  ``encode`` call (up to ``max_batch_size`` decode rows, i.e. images x beams, counting the rows
-  already decoding); while the decoder is busy it encodes whatever waits at once (requests that
-  arrive during an ``encode`` call are batched into the next one);
+* the encoder: a request waits in a queue; the encoder encodes every waiting request's images in
+  one ``encode`` call (up to ``max_batch_size`` decode rows, i.e. images x beams, counting the
+  rows already decoding) once the first of them has waited ``timeout_seconds`` (about a
+  millisecond) when nothing is decoding, or ``encode_wait_seconds`` when others are decoding:
+  such a request could only join at the next step anyway, and the backbone costs about half as
+  much per image in a batch of eight as alone, the largest part of a batched request's cost;
 * the decoder: all active searches advance together: one ``decode_step`` call per iteration over
   every active request's rows, each row at its own position (the export's fixed-size decoder
-  state makes rows at different positions stackable); each request then runs its own greedy/beam
-  update (``captioner.predictor.StepwiseSearch``, the decoders' own code) and leaves when it is
-  done; encoded requests join at the next step, without waiting for the others;
+  state makes rows at different positions stackable); then the searches of each kind (beam size,
+  max length, length penalty) take one NumPy greedy/beam update together, each image at its own
+  position (``captioner.predictor.SearchGroup``: ``StepwiseSearch``'s update, the decoders' own
+  rules, for many requests at once), and a request leaves when its search is done; encoded
+  requests join at the next step, without waiting for the others;
 * the caller's thread turns its finished search into the result (a few dozen small TensorFlow ops
   that would otherwise stall every other request's next step);
 * a request that finds nothing decoding and no other request within the batch timeout has nobody to
@@ -79,13 +82,14 @@ class BatchScheduler:
     away."""
 
     def __init__(self, model, max_batch_size: int = 128, timeout_seconds: float = 0.001,
-                 idle_seconds: float = 5.0, alone_when_idle: bool = True):
+                 idle_seconds: float = 5.0, alone_when_idle: bool = True, encode_wait_seconds: float = 0.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = model
         self.max_batch_size = int(max_batch_size)
         self.timeout_seconds = max(0.0, float(timeout_seconds))
         self.idle_seconds = idle_seconds
+        self.encode_wait_seconds = max(0.0, float(encode_wait_seconds))
         self.alone_when_idle = alone_when_idle
         self.on_call: CallHook | None = None
         self.on_batch: BatchHook | None = None
@@ -210,8 +214,10 @@ class BatchScheduler:
                     return None
                 busy = self._busy_rows()
                 free = self.max_batch_size - busy
-                if not busy:
-                    deadline = time.perf_counter() + self.timeout_seconds
+                wait = self.encode_wait_seconds if busy else self.timeout_seconds
+                if wait > 0:
+                    # As TF Serving's batch timeout: counted from the first waiting request's arrival.
+                    deadline = self._queue[0].enqueued + wait
                     while sum(j.rows for j in self._queue) < free:
                         remaining = deadline - time.perf_counter()
                         if remaining <= 0:

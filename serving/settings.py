@@ -23,6 +23,7 @@ class Settings:
     batching: bool = False                 # CAPTIONER_BATCHING=on|off (off: see BENCHMARKS)
     batch_max_size: int = 128              # rows (images x beams) of one batched model call
     batch_timeout_ms: float = 1.0          # how long an idle scheduler waits for more requests
+    batch_encode_wait_ms: float = 20.0     # how long a request waits for others to encode with, while others decode
     tfserving_target: str = "localhost:8500"
     model_label: str = "stable"            # tfserving backend: serve this version label (newest if unassigned)
     model_version: int = 0                 # tfserving backend: or pin this version number (0: use the label)
@@ -66,8 +67,9 @@ class Settings:
         raw = environ.get("CAPTIONER_BATCHING")
         if raw is not None and raw.strip().lower() not in _SWITCH:  # a typo must not switch it off silently
             raise ValueError(f"CAPTIONER_BATCHING={raw!r}: expected on or off")
-        if settings.batch_timeout_ms < 0:
-            raise ValueError(f"CAPTIONER_BATCH_TIMEOUT_MS={settings.batch_timeout_ms!r}: must be 0 or more")
+        for name in ("batch_timeout_ms", "batch_encode_wait_ms"):
+            if getattr(settings, name) < 0:
+                raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be 0 or more")
         for name in ("header_timeout_seconds", "client_timeout_seconds", "max_connections", "max_images",
                      "batch_max_size"):
             if getattr(settings, name) <= 0:  # 0 would cut every connection or accept none

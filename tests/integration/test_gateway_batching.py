@@ -242,6 +242,41 @@ def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone
                 == [[text for text, _ in c.nbest] for c in results_from_decode(alone, model.vocab)])
 
 
+def test_requests_arriving_while_others_decode_wait_to_be_encoded_together(model):
+    # While a request decodes, the next ones wait (up to encode_wait_seconds from the first's
+    # arrival) to share one encode call: the backbone costs less per image in a batch.
+    recording = Recording(model)
+    scheduler = BatchScheduler(recording, timeout_seconds=0.0, alone_when_idle=False, encode_wait_seconds=30.0)
+    alpha = float(model.metadata["length_penalty"])
+    results: dict[int, tuple] = {}
+
+    def run(i):
+        results[i] = scheduler.decode(_pixels(model, 1, 70 + i), beam_size=2, max_length=6, length_penalty=alpha)
+
+    later = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    released = threading.Event()
+
+    def on_batch(signature, rows):
+        # The first request's decoder waits here until both later ones are encoded (the encoder
+        # takes them once they fill the batch's rows: 30 s would fail the test by its timeout).
+        if signature == "decode_step" and not released.is_set():
+            released.set()
+            for thread in later:
+                thread.start()
+            while len(scheduler._ready) < 2:
+                threading.Event().wait(0.001)
+
+    scheduler.max_batch_size = 2 + 2 * 2    # the first request's rows and the two later ones'
+    scheduler.on_batch = on_batch
+    run(0)
+    for thread in later:
+        thread.join(120)
+    assert recording.encoded == [1, 2]
+    for i in range(3):
+        alone = model.decode_pixels(_pixels(model, 1, 70 + i), beam_size=2, max_length=6)
+        np.testing.assert_array_equal(results[i][0]["tokens"], alone["tokens"])
+
+
 def test_a_request_alone_decodes_exactly_as_without_batching(model):
     # Stepped one position at a time (no batch to share), the search gives the in-graph loop's bits.
     scheduler = BatchScheduler(model, timeout_seconds=0.0, alone_when_idle=False)
@@ -320,8 +355,9 @@ def test_gateway_answers_the_same_with_batching_on_and_off(client, repo):
 
 def test_batching_settings_come_from_the_environment():
     settings = Settings.from_env({"CAPTIONER_BATCHING": "off", "CAPTIONER_BATCH_MAX_SIZE": "64",
-                                  "CAPTIONER_BATCH_TIMEOUT_MS": "2.5"})
-    assert (settings.batching, settings.batch_max_size, settings.batch_timeout_ms) == (False, 64, 2.5)
+                                  "CAPTIONER_BATCH_TIMEOUT_MS": "2.5", "CAPTIONER_BATCH_ENCODE_WAIT_MS": "7"})
+    assert (settings.batching, settings.batch_max_size, settings.batch_timeout_ms,
+            settings.batch_encode_wait_ms) == (False, 64, 2.5, 7.0)
     assert Settings.from_env({}).batching is False
     with pytest.raises(ValueError, match="CAPTIONER_BATCHING='of'"):
         Settings.from_env({"CAPTIONER_BATCHING": "of"})
@@ -329,3 +365,5 @@ def test_batching_settings_come_from_the_environment():
         Settings.from_env({"CAPTIONER_BATCH_MAX_SIZE": "0"})
     with pytest.raises(ValueError, match="CAPTIONER_BATCH_TIMEOUT_MS"):
         Settings.from_env({"CAPTIONER_BATCH_TIMEOUT_MS": "-1"})
+    with pytest.raises(ValueError, match="CAPTIONER_BATCH_ENCODE_WAIT_MS"):
+        Settings.from_env({"CAPTIONER_BATCH_ENCODE_WAIT_MS": "-1"})
