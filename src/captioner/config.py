@@ -118,6 +118,9 @@ class ScstConfig:
     batch_images: int = 32
     # Longest sampled caption in tokens (<end> included); 0 = decode.max_length.
     max_length: int = 0
+    # Dropout (model.dropout, model.feature_dropout) in the gradient pass, as the self-critical code
+    # bases train (their model stays in train mode); sampling always draws from the model without it.
+    dropout: bool = False
 
 
 @dataclass(frozen=True)

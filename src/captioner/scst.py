@@ -210,14 +210,14 @@ def sampler(model, samples: int, max_length: int):
     return sample
 
 
-def sequence_log_probs(model, features, inputs, targets):
-    """Teacher-forced log-probability of every target token under the decoders' masking rule, dropout
-    off: ``[B, T]``, 0 at padding."""
+def sequence_log_probs(model, features, inputs, targets, training: bool = False):
+    """Teacher-forced log-probability of every target token under the decoders' masking rule
+    (dropout only when ``training``): ``[B, T]``, 0 at padding."""
     import tensorflow as tf
 
     from captioner.model.decoding import NEG_INF, NEVER_GENERATED
 
-    logits = model.decode(model.encode(features, training=False), inputs, training=False)
+    logits = model.decode(model.encode(features, training=training), inputs, training=training)
     vocab = tf.shape(logits)[-1]
     never = tf.reduce_sum(tf.one_hot(list(NEVER_GENERATED), vocab, on_value=NEG_INF, off_value=0.0), axis=0)
     first = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)
@@ -308,7 +308,7 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
     def train_step(features, inputs, targets, advantages):
         def replica(features, inputs, targets, advantages):
             with tf.GradientTape() as tape:
-                log_probs = sequence_log_probs(model, features, inputs, targets)
+                log_probs = sequence_log_probs(model, features, inputs, targets, training=sc.dropout)
                 tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, PAD_ID), tf.float32))
                 # Mean over the batch's tokens, summed over replicas (each holds a slice).
                 loss = -tf.reduce_sum(log_probs * advantages[:, None]) / tokens / strategy.num_replicas_in_sync
@@ -366,7 +366,8 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
     else:
         model.load_weights(str(ckpt_dir / "best.weights.h5"))
     summary.update({"epochs": done, "selected_epoch": best_epoch, "selected_dev_cider": round(best, 4),
-                    "learning_rate": sc.learning_rate, "samples": sc.samples, "batch_images": sc.batch_images})
+                    "learning_rate": sc.learning_rate, "samples": sc.samples, "batch_images": sc.batch_images,
+                    "dropout": sc.dropout})
     return summary
 
 

@@ -99,3 +99,24 @@ def test_teacher_forcing_rows_stop_reading_after_end():
     # Nothing is read after <end>, and the all-padding last column is dropped.
     np.testing.assert_array_equal(inputs, [[START_ID, 5, 6], [START_ID, 7, PAD_ID]])
     np.testing.assert_array_equal(targets, samples[:, :3])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_gradient_pass_applies_dropout_only_when_asked(dropout):
+    from captioner.config import ModelConfig
+    from captioner.model.captioner import build_model
+    from captioner.scst import sequence_log_probs
+
+    cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=dropout, feature_dropout=dropout)
+    model = build_model(12, 4, 8, cfg)
+    features = np.random.default_rng(0).normal(size=(3, 4, 8)).astype(np.float32)
+    targets = np.array([[5, 6, END_ID], [7, END_ID, PAD_ID], [8, 9, 10]], np.int32)
+    inputs, targets = teacher_forcing_rows(targets)
+    plain = sequence_log_probs(model, features, inputs, targets).numpy()
+    np.testing.assert_array_equal(plain, sequence_log_probs(model, features, inputs, targets).numpy())
+    noisy = sequence_log_probs(model, features, inputs, targets, training=True).numpy()
+    assert (noisy[targets == PAD_ID] == 0).all()  # padding carries no log-probability either way
+    if dropout:
+        assert not np.allclose(noisy, plain)  # scst.dropout reaches the model's dropout layers
+    else:
+        np.testing.assert_allclose(noisy, plain, rtol=1e-6)
