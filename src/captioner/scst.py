@@ -238,6 +238,17 @@ def teacher_forcing_rows(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inputs.astype(np.int32), samples.astype(np.int32)
 
 
+def update_features(pairs, index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The features of images ``index`` for one SCST update: with mirrored features
+    (``features.flip_train``) each image is mirrored with probability 1/2, as in cross-entropy
+    training, so SCST sees twice the views of the few training images it overfits."""
+    features = pairs.features[index]
+    if pairs.flipped is None:
+        return features
+    mirror = rng.random(len(index)) < 0.5
+    return np.where(mirror[:, None, None], pairs.flipped[index], features)
+
+
 # -- the SCST phase ---------------------------------------------------------------------------------
 def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], train_refs: Sequence[Sequence[str]],
                tokenizer: Tokenizer, model_dir: Path, tracker, *, first_epoch: int, strategy=None,
@@ -328,7 +339,7 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
         rewards_seen, losses = [], []
         for step, begin in enumerate(range(0, num_images, images_per_step)):
             index = order[begin:begin + images_per_step]
-            features = tf.constant(train.features[index])
+            features = tf.constant(update_features(train, index, rng))
             seed = tf.constant([cfg.train.seed * 1_000_003 + epoch, step], tf.int32)
             drawn = sample(features, seed).numpy()
             rewards = reward_fn(index, drawn)

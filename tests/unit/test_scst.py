@@ -120,3 +120,23 @@ def test_gradient_pass_applies_dropout_only_when_asked(dropout):
         assert not np.allclose(noisy, plain)  # scst.dropout reaches the model's dropout layers
     else:
         np.testing.assert_allclose(noisy, plain, rtol=1e-6)
+
+
+def test_updates_mirror_half_the_images_when_mirrored_features_exist():
+    from captioner.scst import update_features
+    from captioner.train import CaptionPairs
+
+    n = 400
+    features = np.arange(n, dtype=np.float16)[:, None, None] * np.ones((1, 2, 3), np.float16)
+    pairs = CaptionPairs([f"{i}.jpg" for i in range(n)], features, np.arange(n), np.zeros((n, 4), np.int32))
+    index = np.random.default_rng(1).permutation(n)[:300]
+    np.testing.assert_array_equal(update_features(pairs, index, np.random.default_rng(0)), features[index])
+
+    mirrored = CaptionPairs(pairs.images, features, pairs.image_index, pairs.tokens, flipped=-features - 1)
+    out = update_features(mirrored, index, np.random.default_rng(0))
+    flipped = (out == mirrored.flipped[index]).all(axis=(1, 2))
+    plain = (out == features[index]).all(axis=(1, 2))
+    assert (flipped ^ plain).all()  # every row is its own image, one view or the other
+    assert 0.4 < flipped.mean() < 0.6
+    # The same epoch's generator draws the same views (a resumed SCST epoch repeats its updates).
+    np.testing.assert_array_equal(out, update_features(mirrored, index, np.random.default_rng(0)))
