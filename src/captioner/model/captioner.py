@@ -110,16 +110,31 @@ class CaptionModel(keras.Model):
             position = tf.identity(position)
         x = self.embed(tokens[:, None]) * tf.cast(tf.sqrt(float(d)), self.compute_dtype)
         x += sinusoid(tf.reshape(position, [-1]), d, self.compute_dtype)[:, None]
-        state = tf.cast(state, self.compute_dtype)
         cross = tf.cast(cross, self.compute_dtype)
-        new_caches = []
-        attention = None
+        # The step is bound by moving the state through memory (issue #11), so the full state is
+        # read once and written once: the layers see only the prefix up to the furthest row's
+        # position (all they attend to; the same arithmetic as on the whole cache), and the output
+        # is the input with each row's new keys/values scattered into its slot (a copy plus a
+        # small update; cheaper than a masked select or a concat, measured).
+        state = tf.convert_to_tensor(state)
+        batch = tf.shape(state)[0]
+        rows = tf.broadcast_to(tf.reshape(position, [-1]), [batch])                 # [B]
+        visible = tf.reduce_max(position) + 1
+        written, attention = [], None
         for i, layer in enumerate(self.decoders):
             k, v = cross[..., 2 * i * d:(2 * i + 1) * d], cross[..., (2 * i + 1) * d:(2 * i + 2) * d]
-            x, attention, k_new, v_new = layer.step(x, k, v, state[:, 2 * i], state[:, 2 * i + 1], position)
-            new_caches += [k_new, v_new]
+            caches = [tf.cast(state[:, j, :visible], self.compute_dtype) for j in (2 * i, 2 * i + 1)]
+            x, attention, k_new, v_new = layer.step(x, k, v, *caches, position)
+            written += [tf.gather(k_new, rows, axis=1, batch_dims=1), tf.gather(v_new, rows, axis=1, batch_dims=1)]
         log_probs = tf.nn.log_softmax(self._logits(x)[:, 0], axis=-1)
-        return log_probs, attention[:, 0], tf.stack(new_caches, axis=1)
+        # The state keeps its dtype (float32 in the export, whose signature takes and returns
+        # float32): under mixed precision the new keys/values are float16 values either way, and
+        # casting the whole state to float16 and back would move it twice more.
+        pairs = 2 * len(self.decoders)
+        slots_of = (tf.range(batch)[:, None] * pairs + tf.range(pairs)[None]) * slots + rows[:, None]  # [B, 2L]
+        flat = tf.tensor_scatter_nd_update(tf.reshape(state, [-1, d]), tf.reshape(slots_of, [-1, 1]),
+                                           tf.cast(tf.reshape(tf.stack(written, axis=1), [-1, d]), state.dtype))
+        return log_probs, attention[:, 0], tf.reshape(flat, tf.shape(state))
 
     def build_all(self):
         """Create every weight by running one tiny batch (needed before loading weights)."""

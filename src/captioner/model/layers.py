@@ -117,7 +117,9 @@ class DecoderLayer(keras.layers.Layer):
 
         The new key/value is written into slot ``position`` and only slots ``<= position`` are
         attended to. The cache keeps its size, so rows at different positions (requests merged by
-        TF Serving's batching) fit in one tensor."""
+        TF Serving's batching) fit in one tensor. The caches may be cut after the furthest row's
+        slot (``T = max(position) + 1``, what ``CaptionModel.step`` passes): nothing past it is read,
+        so the result is the same, and the layer moves only that prefix."""
         h = self.norm1(x)
         k, v = self.self_attn.project_kv(h)
         slots = tf.shape(k_cache)[1]
