@@ -99,6 +99,8 @@ class TrainConfig:
     distribute: Strategy = "default"
     mixed_precision: bool = False
     seed: int = 42
+    # Batch captions of similar length and cut each batch to its longest: the decoder skips padding.
+    length_buckets: bool = True
 
 
 @dataclass(frozen=True)

@@ -72,35 +72,75 @@ def caption_pairs(dataset: CaptionDataset, split: str, tokenizer: Tokenizer, sto
                         encode_captions(texts, tokenizer, max_length), flipped)
 
 
-def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed: int, first_epoch: int = 0):
+# Length bucketing: the permutation is cut into pools of this many batches, each pool sorted by
+# caption length before it is split into batches. Larger pools make batches more uniform (less
+# padding) but batches' lengths correlate across more steps; 50 leaves the batch order well mixed.
+BUCKET_POOL_BATCHES = 50
+
+
+def caption_lengths(tokens: np.ndarray) -> np.ndarray:
+    """Tokens of each row of ``tokens [P, L]`` before its padding (<start> and <end> included)."""
+    return (tokens != PAD_ID).sum(axis=1)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+                  buckets: bool = False) -> list[np.ndarray]:
+    """One epoch's batches (rows into ``lengths``): every row once, in batches of ``batch_size``
+    and a last, smaller one when ``batch_size`` does not divide the count.
+
+    ``rng`` None keeps the rows' order. With ``buckets``, rows of similar length share a batch:
+    each pool of ``BUCKET_POOL_BATCHES`` batches of a random permutation is sorted by length, then
+    the full batches are shuffled (the partial one stays last, as without buckets).
+    """
+    count = len(lengths)
+    order = rng.permutation(count) if rng is not None else np.arange(count)
+    if buckets:
+        pool = BUCKET_POOL_BATCHES * batch_size
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(pool, count, pool))]) if count else order
+    batches = [order[start:start + batch_size] for start in range(0, count, batch_size)]
+    if buckets and rng is not None:
+        full = count // batch_size
+        batches[:full] = [batches[i] for i in rng.permutation(full)]
+    return batches
+
+
+def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed: int, first_epoch: int = 0,
+                   length_buckets: bool = False):
     """``tf.data`` of ``((features, input tokens), target tokens, target weights)`` batches.
 
     Batches are gathered in NumPy from in-memory features (a generator the prefetch thread runs
     ahead of the model); each epoch's order is a function of (seed, epoch), so a resumed run sees
-    the same order it would have seen.
+    the same order it would have seen. With ``length_buckets``, batches hold captions of similar
+    length (``epoch_batches``) and every batch (bucketed or not) is cut to its longest caption:
+    the decoder then spends no step on positions that are padding in every row. Without it, every
+    batch keeps the tokenizer's full length.
     """
     import tensorflow as tf
 
-    count = len(pairs.image_index)
     epoch = [first_epoch]
-    length = pairs.tokens.shape[1] - 1
+    full_length = pairs.tokens.shape[1]
     regions, dim = pairs.features.shape[1:]
+    lengths = caption_lengths(pairs.tokens)
 
     def generate():
         rng = np.random.default_rng([seed, epoch[0]])
-        order = rng.permutation(count) if shuffle else np.arange(count)
         epoch[0] += 1
-        for start in range(0, count, batch_size):
-            rows = order[start:start + batch_size]
+        for rows in epoch_batches(lengths, batch_size, rng if shuffle else None, length_buckets and shuffle):
             images = pairs.image_index[rows]
             features = pairs.features[images]
             if pairs.flipped is not None and shuffle:
                 mirror = rng.random(len(rows)) < 0.5
                 features = np.where(mirror[:, None, None], pairs.flipped[images], features)
-            tokens = pairs.tokens[rows]
+            # At least 2 tokens so that the decoder has one position even for empty captions.
+            keep = max(int(lengths[rows].max()), 2) if length_buckets else full_length
+            tokens = pairs.tokens[rows, :keep]
             target = tokens[:, 1:]
             yield (features, tokens[:, :-1]), target, (target != PAD_ID).astype(np.float32)
 
+    # A variable length: Keras' fit traces its step once for the [None, None] spec (no retracing
+    # per batch length; no XLA on CPU), so shorter batches cost fewer decoder positions.
+    length = None if length_buckets else full_length - 1
     spec = ((tf.TensorSpec([None, regions, dim], tf.float16), tf.TensorSpec([None, length], tf.int32)),
             tf.TensorSpec([None, length], tf.int32), tf.TensorSpec([None, length], tf.float32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
@@ -590,8 +630,8 @@ def _train(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: Fe
     history = tracker.history()
     # train.batch_size is the global batch: the strategy splits each batch between its replicas.
     train_ds = input_pipeline(train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                              first_epoch=len(history))
-    dev_ds = input_pipeline(dev, 256, shuffle=False, seed=0)
+                              first_epoch=len(history), length_buckets=cfg.train.length_buckets)
+    dev_ds = input_pipeline(dev, 256, shuffle=False, seed=0, length_buckets=cfg.train.length_buckets)
     callbacks = _callbacks(cfg, model_dir, tracker, dev, dataset.split_captions("dev"), tokenizer, progress,
                            resume_dir)
     # A run whose training finished (even by early stopping) but failed later, e.g. at export,

@@ -1,0 +1,107 @@
+"""The cross-entropy input pipeline with ``train.length_buckets`` (issue #9): batches of similar
+caption length, each cut to its longest caption, in an order that is a function of (seed, epoch)
+and sees every pair once; with the switch off, the batches of before (full length, plain shuffle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from captioner.constants import PAD_ID
+from captioner.train import BUCKET_POOL_BATCHES, CaptionPairs, input_pipeline
+
+pytestmark = pytest.mark.unit
+
+BATCH = 8
+COUNT = 2 * BUCKET_POOL_BATCHES * BATCH + 3  # two full pools, then a pool of one partial batch
+LENGTH = 24  # tokenizer.max_length
+IMAGES = 40
+
+
+def make_pairs(flipped: bool = False) -> CaptionPairs:
+    """Pair ``p`` has token 10 + p after <start> (so a batch tells which pairs it holds) and a
+    random length of 4..LENGTH tokens, <start> and <end> included; image ``i``'s features are all i."""
+    rng = np.random.default_rng(7)
+    tokens = np.full((COUNT, LENGTH), PAD_ID, np.int32)
+    lengths = rng.integers(4, LENGTH + 1, COUNT)
+    for pair, length in enumerate(lengths):
+        tokens[pair, 0], tokens[pair, 1], tokens[pair, length - 1] = 1, 10 + pair, 2
+        tokens[pair, 2:length - 1] = 5
+    features = np.broadcast_to(np.arange(IMAGES, dtype=np.float16)[:, None, None], (IMAGES, 3, 4)).copy()
+    return CaptionPairs([f"{i}.jpg" for i in range(IMAGES)], features, rng.integers(0, IMAGES, COUNT).astype(np.int32),
+                        tokens, -features if flipped else None)
+
+
+def epoch(dataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One pass: (features, input tokens, targets, weights) per batch."""
+    return [(f, x, y, w) for (f, x), y, w in dataset.as_numpy_iterator()]
+
+
+def pair_ids(batch) -> np.ndarray:
+    return batch[1][:, 1] - 10
+
+
+def test_buckets_trim_each_batch_to_its_longest_caption_and_see_every_pair_once():
+    pairs = make_pairs()
+    lengths = (pairs.tokens != PAD_ID).sum(1)
+    dataset = input_pipeline(pairs, BATCH, shuffle=True, seed=3, length_buckets=True)
+    assert dataset.element_spec[1].shape.as_list() == [None, None]
+    batches = epoch(dataset)
+    seen = np.concatenate([pair_ids(b) for b in batches])
+    assert sorted(seen.tolist()) == list(range(COUNT))
+    assert [len(b[1]) for b in batches] == [BATCH] * (COUNT // BATCH) + [COUNT % BATCH]  # partial batch last
+    for features, inputs, targets, weights in batches:
+        ids = inputs[:, 1] - 10
+        assert inputs.shape[1] == targets.shape[1] == lengths[ids].max() - 1
+        np.testing.assert_array_equal(weights, (targets != PAD_ID).astype(np.float32))
+        assert weights.sum() == (lengths[ids] - 1).sum()  # every real target token still counts
+        np.testing.assert_array_equal(features[:, 0, 0], pairs.image_index[ids])
+    # Similar lengths share a batch: far fewer padded positions than the unbucketed full length ...
+    positions = sum(b[1].size for b in batches)
+    assert positions < 0.6 * COUNT * (LENGTH - 1)
+    assert sum(b[3].sum() for b in batches) / positions > 0.85
+    # ... yet the epoch is not sorted by length: short and long batches alternate.
+    longest = np.array([b[1].shape[1] for b in batches[:-1]])
+    assert (np.diff(longest) > 0).any() and (np.diff(longest) < 0).any()
+
+
+def test_bucketed_order_is_a_function_of_seed_and_epoch():
+    pairs = make_pairs(flipped=True)
+    first = input_pipeline(pairs, BATCH, shuffle=True, seed=3, length_buckets=True)
+    epoch0, epoch1 = epoch(first), epoch(first)
+    again = epoch(input_pipeline(pairs, BATCH, shuffle=True, seed=3, length_buckets=True))
+    resumed = epoch(input_pipeline(pairs, BATCH, shuffle=True, seed=3, first_epoch=1, length_buckets=True))
+    other_seed = epoch(input_pipeline(pairs, BATCH, shuffle=True, seed=4, length_buckets=True))
+    for a, b in [(epoch0, again), (epoch1, resumed)]:
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            for u, v in zip(x, y, strict=True):
+                np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(pair_ids(epoch0[0]), pair_ids(epoch1[0]))
+    assert not np.array_equal(pair_ids(epoch0[0]), pair_ids(other_seed[0]))
+    # Mirrored features still replace about half of the rows' features, and only with their own.
+    features = np.concatenate([b[0][:, 0, 0] for b in epoch0])
+    index = pairs.image_index[np.concatenate([pair_ids(b) for b in epoch0])]
+    mirrored = features == -index.astype(np.float16)
+    assert ((features == index) | mirrored).all()
+    assert 0.4 < mirrored[index > 0].mean() < 0.6
+
+
+def test_without_buckets_batches_are_as_before():
+    pairs = make_pairs()
+    dataset = input_pipeline(pairs, BATCH, shuffle=True, seed=3, length_buckets=False)
+    assert dataset.element_spec[1].shape.as_list() == [None, LENGTH - 1]
+    order = np.random.default_rng([3, 0]).permutation(COUNT)  # the order of before: one shuffle
+    batches = epoch(dataset)
+    assert len(batches) == -(-COUNT // BATCH)
+    for start, (_, inputs, targets, _) in zip(range(0, COUNT, BATCH), batches, strict=True):
+        assert inputs.shape[1] == targets.shape[1] == LENGTH - 1
+        np.testing.assert_array_equal(inputs, pairs.tokens[order[start:start + BATCH], :-1])
+
+
+def test_unshuffled_pipeline_keeps_the_order_and_trims():
+    pairs = make_pairs()
+    lengths = (pairs.tokens != PAD_ID).sum(1)
+    batches = epoch(input_pipeline(pairs, 256, shuffle=False, seed=0, length_buckets=True))
+    np.testing.assert_array_equal(np.concatenate([pair_ids(b) for b in batches]), np.arange(COUNT))
+    assert [b[1].shape[1] for b in batches] == [lengths[s:s + 256].max() - 1 for s in range(0, COUNT, 256)]
