@@ -1,4 +1,4 @@
-"""Fixtures and helpers shared by the gateway tests."""
+"""Fixtures and helpers shared by the gateway tests, and the local DAG runs shared by the pipeline tests."""
 
 import socket
 import subprocess
@@ -6,6 +6,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from captioner.serving.app import create_app
@@ -81,3 +83,43 @@ def live_gateway(repo):
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dag_history(tmp_path_factory, captioner_cache):
+    """The local DAG runs that test_pipeline.py and test_runs_show.py inspect, run once: each run is a
+    minute or more of kfp.local steps, and these tests used to repeat the same first run three times.
+
+    On a data set of the tests' own (the smoke preset's size and epochs, another seed), which
+    test_scheduled_retraining_follows_the_data changes afterwards:
+    ``first``: `captioner pipeline run --local` as a user types it (``cli_output`` is what it printed);
+    ``again``: the same run once more, over unchanged data (its steps come from the cache);
+    ``worse``: an untrained candidate (no epochs, no SCST) under a 0.05 floor, refused.
+    ``listed``, ``latest`` and ``versions`` are `list_runs`, `get_run(latest)` and the registered
+    versions right after ``worse``."""
+    from captioner.pipelines.local import get_run, list_runs, run_local
+    from click.testing import CliRunner
+
+    from captioner.cli import cli
+    from captioner.config import SyntheticConfig
+    from captioner.data.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("dag")
+    # A model that scores above zero, so that the champion comparisons have something to compare.
+    data = generate(tmp / "data", SyntheticConfig(num_train=300, num_dev=24, num_test=24, image_size=64, seed=5))
+    overrides = ["data.format=flickr8k", f"data.root={data}", f"features.cache_dir={tmp / 'features'}"]
+    root, repo = tmp / "root", str(tmp / "models")
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    result = CliRunner().invoke(cli, ["pipeline", "run", "--local", "--config", "smoke", *sets, "--pipeline-root",
+                                      str(root), "--model-repo", repo, "--bleu4-floor", "0.05"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_id = next(line.split()[1] for line in result.output.splitlines() if line.startswith("run: "))
+    first = get_run(root, run_id)
+    again = run_local("smoke", overrides, pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
+    worse = run_local("smoke", [*overrides, "train.epochs=0", "scst.enabled=false"], pipeline_root=root,
+                      model_repo=repo, bleu4_floor=0.05)
+    return SimpleNamespace(data=Path(data), overrides=overrides, root=root, repo=repo, run_id=run_id,
+                           cli_output=result.output, first=first, again=again, worse=worse,
+                           listed=[r["run_id"] for r in list_runs(root)], latest=get_run(root, "latest")["run_id"],
+                           versions=ModelRepository(repo).versions("captioner"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from captioner.components import steps
-from captioner.pipelines.local import get_run, list_runs, run_local
+from captioner.pipelines.local import list_runs, run_local
 from captioner.pipelines.pipeline import compile_pipeline
 from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
@@ -175,23 +175,24 @@ def test_components_as_functions(tmp_path, captioner_cache):
 
 
 @pytest.mark.slow
-def test_local_dag_registers_caches_and_gates(tmp_path, captioner_cache):
-    root, repo = tmp_path / "root", str(tmp_path / "models")
-    first = run_local("smoke", [], pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
+def test_local_dag_registers_caches_and_gates(dag_history):
+    """The shared runs (tests/integration/conftest.py): a first run registers, the same run again comes
+    from the cache and registers nothing, and an untrained candidate is gated out."""
+    first, again, worse, repo = dag_history.first, dag_history.again, dag_history.worse, dag_history.repo
     assert first["status"] == "succeeded" and first["gate"]["passed"] is True
+    assert first["parameters"]["bleu4_floor"] == 0.05
     assert first["registered_version"] == 1
     assert (Path(repo) / "captioner" / "1" / "saved_model.pb").is_file()
     assert (Path(repo) / "models.config").is_file()
 
-    again = run_local("smoke", [], pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
     assert {again["tasks"][t]["status"] for t in ("tokenize", "extract-features", "train")} == {"cached"}
     assert again["registered_version"] is None and again["already_registered_as"] == 1
 
-    worse = run_local("smoke", ["train.epochs=0"], pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
+    assert worse["parameters"]["bleu4_floor"] == 0.05 and "train.epochs=0" in worse["parameters"]["overrides"]
     assert worse["gate"]["passed"] is False and worse["tasks"]["register"]["status"] == "skipped"
-    assert ModelRepository(repo).versions("captioner") == [1]
-    assert [r["run_id"] for r in list_runs(root)] == sorted([first["run_id"], again["run_id"], worse["run_id"]])
-    assert get_run(root, "latest")["run_id"] == worse["run_id"]
+    assert dag_history.versions == [1]
+    assert dag_history.listed == sorted([first["run_id"], again["run_id"], worse["run_id"]])
+    assert dag_history.latest == worse["run_id"]
 
 
 def test_step_refuses_data_changed_since_the_fingerprint(tmp_path, captioner_cache):
@@ -203,17 +204,13 @@ def test_step_refuses_data_changed_since_the_fingerprint(tmp_path, captioner_cac
 
 
 @pytest.mark.slow
-def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
+def test_scheduled_retraining_follows_the_data(dag_history):
     """Issue #7: a scheduled rerun over unchanged data comes from the cache and registers nothing;
-    new captions make tokenize, extract and train run again (extract finds no new image content)."""
-    from captioner.config import SyntheticConfig
-    from captioner.data.synthetic import generate
-
-    # The smoke preset's size and epochs: a model that scores above zero, so that the champion
-    # comparison at the end has something to compare.
-    data = generate(tmp_path / "data", SyntheticConfig(num_train=300, num_dev=24, num_test=24, image_size=64, seed=5))
-    overrides = ["data.format=flickr8k", f"data.root={data}", f"features.cache_dir={tmp_path / 'features'}"]
-    root, repo = tmp_path / "root", str(tmp_path / "models")
+    new captions make tokenize, extract and train run again (extract finds no new image content).
+    The first two runs are the shared ones (tests/integration/conftest.py); this test then changes
+    their data set."""
+    data, overrides, first, again = dag_history.data, dag_history.overrides, dag_history.first, dag_history.again
+    root, repo = dag_history.root, dag_history.repo
     reading = ("tokenize", "extract-features", "train")
 
     def run():
@@ -222,17 +219,16 @@ def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
     def extracted(record):
         return record["tasks"]["extract-features"]["outputs"]["artifacts"]["features"]["metadata"]
 
-    first = run()
     assert {first["tasks"][t]["status"] for t in ("fingerprint", *reading)} == {"succeeded"}
     # Features are cached by image content: images with the same bytes are extracted once.
     distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in (data / "images").iterdir()})
     assert extracted(first)["extracted"] == distinct and extracted(first)["images"] == 348
     assert first["registered_version"] == 1
 
-    again = run()
     assert again["tasks"]["fingerprint"]["status"] == "succeeded"  # never from the cache
     assert again["fingerprint"] == first["fingerprint"]
     assert {again["tasks"][t]["status"] for t in reading} == {"cached"}
+    # (The shared untrained run after it registered nothing either.)
     assert again["registered_version"] is None and ModelRepository(repo).versions("captioner") == [1]
 
     train_images = (data / "splits" / "train.txt").read_text().split()[:5]
@@ -244,10 +240,11 @@ def test_scheduled_retraining_follows_the_data(tmp_path, captioner_cache):
     # The images did not change: extract runs, but the backbone sees none of them.
     assert extracted(changed)["extracted"] == 0 and extracted(changed)["images"] == 348
 
-    # On the champion's own data, an untrained candidate clears a zero floor but not the champion,
-    # which the gate re-scores on this very split.
+    # On the champion's own data, an untrained candidate (no epochs, no SCST) clears a zero floor but
+    # not the champion, which the gate re-scores on this very split.
     versions = ModelRepository(repo).versions("captioner")
-    worse = run_local("smoke", [*overrides, "train.epochs=0"], pipeline_root=root, model_repo=repo, bleu4_floor=0.0)
+    worse = run_local("smoke", [*overrides, "train.epochs=0", "scst.enabled=false"], pipeline_root=root,
+                      model_repo=repo, bleu4_floor=0.0)
     reason = worse["gate"]["reason"]
     assert worse["gate"]["passed"] is False and worse["tasks"]["register"]["status"] == "skipped", reason
     assert "worse than champion" in reason and "below the floor" not in reason and "24 images" in reason, reason

@@ -19,15 +19,10 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, captioner_cache):
-    """One local DAG run (smoke config, two epochs) and its pipeline root."""
-    tmp = tmp_path_factory.mktemp("runs-show")
-    root = tmp / "root"
-    result = invoke("pipeline", "run", "--local", "--config", "smoke", "--set", "train.epochs=2",
-                    "--pipeline-root", str(root), "--model-repo", str(tmp / "models"), "--bleu4-floor", "0")
-    assert result.exit_code == 0, result.output
-    run_id = next(line.split()[1] for line in result.output.splitlines() if line.startswith("run: "))
-    return root, run_id, result.output
+def local_run(dag_history):
+    """The shared first run, typed as `captioner pipeline run --local` (tests/integration/conftest.py),
+    and its pipeline root."""
+    return dag_history.root, dag_history.run_id, dag_history.cli_output
 
 
 def test_report_is_an_html_file_shown_as_a_file_url(local_run):
