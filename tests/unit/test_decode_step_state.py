@@ -109,3 +109,19 @@ def test_mixed_precision_step_is_bit_identical_and_keeps_the_state_dtype():
     np.testing.assert_array_equal(log_probs.numpy(), ref[0].numpy())
     np.testing.assert_array_equal(attention.numpy(), ref[1].numpy())
     np.testing.assert_array_equal(new_state.numpy(), tf.cast(ref[2], tf.float32).numpy())
+
+
+def test_decoder_layer_step_takes_cross_keys_whole_or_split_into_heads():
+    """``CaptionModel.step`` hands the layers the image's keys/values split into heads once per step;
+    a caller with ``[B, N, d]`` keys/values (what ``Attention.attend`` takes) gets the same numbers."""
+    model = _model()
+    cross, tokens, state, position = _inputs(model, tf.float32)
+    layer, d, heads = model.decoders[1], model.cfg.d_model, model.cfg.num_heads
+    x = tf.constant(np.random.default_rng(6).normal(size=(4, 1, d)), tf.float32)
+    k, v = cross[..., 2 * d:3 * d], cross[..., 3 * d:4 * d]
+    split = [tf.transpose(tf.reshape(t, [4, 9, heads, d // heads]), [0, 2, 1, 3]) for t in (k, v)]
+    caches = (state[:, 2, :6], state[:, 3, :6])
+    whole = layer.step(x, k, v, *caches, position)
+    assert split[0].shape.rank == 4 and k.shape.rank == 3
+    for a, b in zip(whole, layer.step(x, *split, *caches, position), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -110,7 +110,6 @@ class CaptionModel(keras.Model):
             position = tf.identity(position)
         x = self.embed(tokens[:, None]) * tf.cast(tf.sqrt(float(d)), self.compute_dtype)
         x += sinusoid(tf.reshape(position, [-1]), d, self.compute_dtype)[:, None]
-        cross = tf.cast(cross, self.compute_dtype)
         # The step is bound by moving the state through memory (issue #11), so the full state is
         # read once and written once: the layers see only the prefix up to the furthest row's
         # position (all they attend to; the same arithmetic as on the whole cache), and the output
@@ -120,17 +119,21 @@ class CaptionModel(keras.Model):
         batch = tf.shape(state)[0]
         rows = tf.broadcast_to(tf.reshape(position, [-1]), [batch])                 # [B]
         visible = tf.reduce_max(position) + 1
+        pairs = 2 * len(self.decoders)
+        # The image's keys/values ([B, N, 2L*d], as encode exports them) split into every layer's
+        # heads at once: [2L, B, heads, N, head_dim], each layer's a view of one contiguous block.
+        heads = self.cfg.num_heads
+        shape = [tf.shape(cross)[0], tf.shape(cross)[1], pairs, heads, d // heads]
+        cross = tf.transpose(tf.reshape(tf.cast(cross, self.compute_dtype), shape), [2, 0, 3, 1, 4])
         written, attention = [], None
         for i, layer in enumerate(self.decoders):
-            k, v = cross[..., 2 * i * d:(2 * i + 1) * d], cross[..., (2 * i + 1) * d:(2 * i + 2) * d]
             caches = [tf.cast(state[:, j, :visible], self.compute_dtype) for j in (2 * i, 2 * i + 1)]
-            x, attention, k_new, v_new = layer.step(x, k, v, *caches, position)
+            x, attention, k_new, v_new = layer.step(x, cross[2 * i], cross[2 * i + 1], *caches, position)
             written += [tf.gather(k_new, rows, axis=1, batch_dims=1), tf.gather(v_new, rows, axis=1, batch_dims=1)]
         log_probs = tf.nn.log_softmax(self._logits(x)[:, 0], axis=-1)
         # The state keeps its dtype (float32 in the export, whose signature takes and returns
         # float32): under mixed precision the new keys/values are float16 values either way, and
         # casting the whole state to float16 and back would move it twice more.
-        pairs = 2 * len(self.decoders)
         slots_of = (tf.range(batch)[:, None] * pairs + tf.range(pairs)[None]) * slots + rows[:, None]  # [B, 2L]
         flat = tf.tensor_scatter_nd_update(tf.reshape(state, [-1, d]), tf.reshape(slots_of, [-1, 1]),
                                            tf.cast(tf.reshape(tf.stack(written, axis=1), [-1, d]), state.dtype))

@@ -111,7 +111,8 @@ class DecoderLayer(keras.layers.Layer):
         return x + self.ff(self.norm3(x), training=training), attention
 
     def step(self, x, cross_k, cross_v, k_cache, v_cache, position):
-        """One position: ``x [B,1,d]``, the image's precomputed cross-attention keys/values ``[B,N,d]``,
+        """One position: ``x [B,1,d]``, the image's precomputed cross-attention keys/values ``[B,N,d]``
+        (or already split into heads, ``[B,heads,N,head_dim]``),
         the fixed-size self-attention caches ``[B,T,d]`` and the position of ``x`` (scalar or ``[B]``,
         one per row) -> ``(x, attention [B,1,N], k_cache, v_cache)``.
 
@@ -122,17 +123,32 @@ class DecoderLayer(keras.layers.Layer):
         so the result is the same, and the layer moves only that prefix."""
         h = self.norm1(x)
         k, v = self.self_attn.project_kv(h)
-        slots = tf.shape(k_cache)[1]
+        batch = tf.shape(k_cache)[0]
         rows = tf.reshape(position, [-1, 1])                                   # [B or 1, 1]
-        write = tf.equal(tf.range(slots)[None], rows)[:, :, None]              # [B or 1, T, 1]
-        k_cache = tf.where(write, k, k_cache)
-        v_cache = tf.where(write, v, v_cache)
+        # Each row's slot is overwritten by a scatter (the same values a masked tf.where writes, but
+        # a broadcasting select is several times slower on CPU, and the step is bound by such moves).
+        slot = tf.stack([tf.range(batch), tf.broadcast_to(rows[:, 0], [batch])], axis=1)   # [B, 2]
+        k_cache = tf.tensor_scatter_nd_update(k_cache, slot, k[:, 0])
+        v_cache = tf.tensor_scatter_nd_update(v_cache, slot, v[:, 0])
         # Attend over the written prefix only: slots past the furthest row's position are all
         # masked, and leaving them out keeps the arithmetic (and so the captions) the same whatever
         # the cache size.
         visible = tf.reduce_max(position) + 1
         mask = tf.range(visible)[None] <= rows                                 # [B or 1, visible]
         x = x + self.self_attn.attend(h, k_cache[:, :visible], v_cache[:, :visible], mask[:, None, None])[0]
-        h, attention = self.cross_attn.attend(self.norm2(x), cross_k, cross_v)
+        if cross_k.shape.rank == 4:
+            # Keys/values already split into heads ([B, heads, N, head_dim]; CaptionModel.step splits
+            # every layer's in one transpose instead of a slice and a transpose per layer and step):
+            # Attention.attend's ops (inference, no mask) in its order, so the same numbers (pinned
+            # against attend by tests/unit/test_decode_step_state.py).
+            attn = self.cross_attn
+            q = attn._heads(attn.q(self.norm2(x)))
+            scores = tf.cast(tf.einsum("bhqd,bhkd->bhqk", q, cross_k) / math.sqrt(attn.head_dim), tf.float32)
+            weights = tf.nn.softmax(scores, axis=-1)
+            out = tf.einsum("bhqk,bhkd->bhqd", tf.cast(weights, attn.compute_dtype), cross_v)
+            out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [tf.shape(x)[0], tf.shape(x)[1], attn.d_model])
+            h, attention = attn.o(out), tf.reduce_mean(weights, axis=1)
+        else:
+            h, attention = self.cross_attn.attend(self.norm2(x), cross_k, cross_v)
         x = x + h
         return x + self.ff(self.norm3(x)), attention, k_cache, v_cache
