@@ -88,15 +88,18 @@ def live_gateway(repo):
 @pytest.fixture(scope="session")
 def dag_history(tmp_path_factory, captioner_cache):
     """The local DAG runs that test_pipeline.py and test_runs_show.py inspect, run once: each run is a
-    minute or more of kfp.local steps, and these tests used to repeat the same first run three times.
+    minute or more of kfp.local steps, and these tests used to repeat the same runs (the first run
+    three times, its cached rerun and an untrained candidate twice).
 
-    On a data set of the tests' own (the smoke preset's size and epochs, another seed), which
-    test_scheduled_retraining_follows_the_data changes afterwards:
-    ``first``: `captioner pipeline run --local` as a user types it (``cli_output`` is what it printed);
+    A scheduled history on a data set of the tests' own (the smoke preset's size and epochs, another
+    seed), each run with the same config and overrides:
+    ``first``: `captioner pipeline run --local` as a user types it (``cli_output`` is what it printed),
+    under a 0.05 floor;
     ``again``: the same run once more, over unchanged data (its steps come from the cache);
-    ``worse``: an untrained candidate (no epochs, no SCST) under a 0.05 floor, refused.
-    ``listed``, ``latest`` and ``versions`` are `list_runs`, `get_run(latest)` and the registered
-    versions right after ``worse``."""
+    ``changed``: after five new captions (``new_captions``) were added to the data set, under a zero floor;
+    ``worse``: an untrained candidate (no epochs, no SCST) on the changed data, under a zero floor.
+    ``versions`` holds the registered versions after each run, ``listed`` and ``latest`` are
+    `list_runs` and `get_run(latest)` at the end."""
     from captioner.pipelines.local import get_run, list_runs, run_local
     from click.testing import CliRunner
 
@@ -109,6 +112,13 @@ def dag_history(tmp_path_factory, captioner_cache):
     data = generate(tmp / "data", SyntheticConfig(num_train=300, num_dev=24, num_test=24, image_size=64, seed=5))
     overrides = ["data.format=flickr8k", f"data.root={data}", f"features.cache_dir={tmp / 'features'}"]
     root, repo = tmp / "root", str(tmp / "models")
+    versions = {}
+
+    def run(name, floor, extra=()):
+        record = run_local("smoke", [*overrides, *extra], pipeline_root=root, model_repo=repo, bleu4_floor=floor)
+        versions[name] = ModelRepository(repo).versions("captioner")
+        return record
+
     sets = [arg for override in overrides for arg in ("--set", override)]
     result = CliRunner().invoke(cli, ["pipeline", "run", "--local", "--config", "smoke", *sets, "--pipeline-root",
                                       str(root), "--model-repo", repo, "--bleu4-floor", "0.05"],
@@ -116,10 +126,15 @@ def dag_history(tmp_path_factory, captioner_cache):
     assert result.exit_code == 0, result.output
     run_id = next(line.split()[1] for line in result.output.splitlines() if line.startswith("run: "))
     first = get_run(root, run_id)
-    again = run_local("smoke", overrides, pipeline_root=root, model_repo=repo, bleu4_floor=0.05)
-    worse = run_local("smoke", [*overrides, "train.epochs=0", "scst.enabled=false"], pipeline_root=root,
-                      model_repo=repo, bleu4_floor=0.05)
+    versions["first"] = ModelRepository(repo).versions("captioner")
+    again = run("again", 0.05)
+    images = (data / "splits" / "train.txt").read_text().split()[:5]
+    new_captions = [f"{image}\ta picture with some brand new words\n" for image in images]
+    with (data / "captions.tsv").open("a", encoding="utf-8") as handle:
+        handle.writelines(new_captions)
+    changed = run("changed", 0.0)
+    worse = run("worse", 0.0, ["train.epochs=0", "scst.enabled=false"])
     return SimpleNamespace(data=Path(data), overrides=overrides, root=root, repo=repo, run_id=run_id,
-                           cli_output=result.output, first=first, again=again, worse=worse,
-                           listed=[r["run_id"] for r in list_runs(root)], latest=get_run(root, "latest")["run_id"],
-                           versions=ModelRepository(repo).versions("captioner"))
+                           cli_output=result.output, first=first, again=again, new_captions=new_captions,
+                           changed=changed, worse=worse, versions=versions,
+                           listed=[r["run_id"] for r in list_runs(root)], latest=get_run(root, "latest")["run_id"])

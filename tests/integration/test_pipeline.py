@@ -187,11 +187,13 @@ def test_local_dag_registers_caches_and_gates(dag_history):
 
     assert {again["tasks"][t]["status"] for t in ("tokenize", "extract-features", "train")} == {"cached"}
     assert again["registered_version"] is None and again["already_registered_as"] == 1
+    assert dag_history.versions["again"] == [1]
 
-    assert worse["parameters"]["bleu4_floor"] == 0.05 and "train.epochs=0" in worse["parameters"]["overrides"]
+    assert "train.epochs=0" in worse["parameters"]["overrides"]
     assert worse["gate"]["passed"] is False and worse["tasks"]["register"]["status"] == "skipped"
-    assert dag_history.versions == [1]
-    assert dag_history.listed == sorted([first["run_id"], again["run_id"], worse["run_id"]])
+    assert dag_history.versions["worse"] == dag_history.versions["changed"]
+    runs = [first, again, dag_history.changed, worse]
+    assert dag_history.listed == sorted(r["run_id"] for r in runs)
     assert dag_history.latest == worse["run_id"]
 
 
@@ -207,14 +209,10 @@ def test_step_refuses_data_changed_since_the_fingerprint(tmp_path, captioner_cac
 def test_scheduled_retraining_follows_the_data(dag_history):
     """Issue #7: a scheduled rerun over unchanged data comes from the cache and registers nothing;
     new captions make tokenize, extract and train run again (extract finds no new image content).
-    The first two runs are the shared ones (tests/integration/conftest.py); this test then changes
-    their data set."""
-    data, overrides, first, again = dag_history.data, dag_history.overrides, dag_history.first, dag_history.again
-    root, repo = dag_history.root, dag_history.repo
+    The runs are the shared ones (tests/integration/conftest.py)."""
+    data, first, again, changed = dag_history.data, dag_history.first, dag_history.again, dag_history.changed
+    versions = dag_history.versions
     reading = ("tokenize", "extract-features", "train")
-
-    def run():
-        return run_local("smoke", overrides, pipeline_root=root, model_repo=repo, bleu4_floor=0.0)
 
     def extracted(record):
         return record["tasks"]["extract-features"]["outputs"]["artifacts"]["features"]["metadata"]
@@ -228,13 +226,10 @@ def test_scheduled_retraining_follows_the_data(dag_history):
     assert again["tasks"]["fingerprint"]["status"] == "succeeded"  # never from the cache
     assert again["fingerprint"] == first["fingerprint"]
     assert {again["tasks"][t]["status"] for t in reading} == {"cached"}
-    # (The shared untrained run after it registered nothing either.)
-    assert again["registered_version"] is None and ModelRepository(repo).versions("captioner") == [1]
+    assert again["registered_version"] is None and versions["again"] == [1]
 
-    train_images = (data / "splits" / "train.txt").read_text().split()[:5]
-    with (data / "captions.tsv").open("a", encoding="utf-8") as handle:
-        handle.writelines(f"{image}\ta picture with some brand new words\n" for image in train_images)
-    changed = run()
+    # Five new captions for train images were appended to captions.tsv before this run.
+    assert (data / "captions.tsv").read_text().endswith("".join(dag_history.new_captions))
     assert changed["fingerprint"] != first["fingerprint"]
     assert {changed["tasks"][t]["status"] for t in reading} == {"succeeded"}
     # The images did not change: extract runs, but the backbone sees none of them.
@@ -242,13 +237,12 @@ def test_scheduled_retraining_follows_the_data(dag_history):
 
     # On the champion's own data, an untrained candidate (no epochs, no SCST) clears a zero floor but
     # not the champion, which the gate re-scores on this very split.
-    versions = ModelRepository(repo).versions("captioner")
-    worse = run_local("smoke", [*overrides, "train.epochs=0", "scst.enabled=false"], pipeline_root=root,
-                      model_repo=repo, bleu4_floor=0.0)
+    worse = dag_history.worse
     reason = worse["gate"]["reason"]
+    assert worse["parameters"]["bleu4_floor"] == 0.0
     assert worse["gate"]["passed"] is False and worse["tasks"]["register"]["status"] == "skipped", reason
     assert "worse than champion" in reason and "below the floor" not in reason and "24 images" in reason, reason
-    assert ModelRepository(repo).versions("captioner") == versions
+    assert versions["worse"] == versions["changed"]
 
 
 def test_failing_step_stops_the_run_and_registers_nothing(tmp_path, captioner_cache):
