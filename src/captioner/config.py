@@ -100,7 +100,8 @@ class TrainConfig:
     mixed_precision: bool = False
     seed: int = 42
     # Batch captions of similar length and cut each batch to its longest: the decoder skips padding.
-    length_buckets: bool = True
+    # Off by default (and for runs saved before it existed) until its effect on quality is measured.
+    length_buckets: bool = False
 
 
 @dataclass(frozen=True)
