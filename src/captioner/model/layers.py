@@ -43,8 +43,9 @@ class Attention(keras.layers.Layer):
         return k, v
 
     def attend(self, x, k, v, mask=None, training=False):
+        """``k``/``v``: ``[B, S, d]``, or already split into heads, ``[B, heads, S, head_dim]``."""
         q = self._heads(self.q(x))
-        kh, vh = self._heads(k), self._heads(v)
+        kh, vh = (k, v) if k.shape.rank == 4 else (self._heads(k), self._heads(v))
         scores = tf.einsum("bhqd,bhkd->bhqk", q, kh) / math.sqrt(self.head_dim)
         scores = tf.cast(scores, tf.float32)
         if mask is not None:
@@ -136,19 +137,8 @@ class DecoderLayer(keras.layers.Layer):
         visible = tf.reduce_max(position) + 1
         mask = tf.range(visible)[None] <= rows                                 # [B or 1, visible]
         x = x + self.self_attn.attend(h, k_cache[:, :visible], v_cache[:, :visible], mask[:, None, None])[0]
-        if cross_k.shape.rank == 4:
-            # Keys/values already split into heads ([B, heads, N, head_dim]; CaptionModel.step splits
-            # every layer's in one transpose instead of a slice and a transpose per layer and step):
-            # Attention.attend's ops (inference, no mask) in its order, so the same numbers (pinned
-            # against attend by tests/unit/test_decode_step_state.py).
-            attn = self.cross_attn
-            q = attn._heads(attn.q(self.norm2(x)))
-            scores = tf.cast(tf.einsum("bhqd,bhkd->bhqk", q, cross_k) / math.sqrt(attn.head_dim), tf.float32)
-            weights = tf.nn.softmax(scores, axis=-1)
-            out = tf.einsum("bhqk,bhkd->bhqd", tf.cast(weights, attn.compute_dtype), cross_v)
-            out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [tf.shape(x)[0], tf.shape(x)[1], attn.d_model])
-            h, attention = attn.o(out), tf.reduce_mean(weights, axis=1)
-        else:
-            h, attention = self.cross_attn.attend(self.norm2(x), cross_k, cross_v)
+        # Keys/values may come already split into heads ([B, heads, N, head_dim]): CaptionModel.step
+        # splits every layer's in one transpose instead of a slice and a transpose per layer and step.
+        h, attention = self.cross_attn.attend(self.norm2(x), cross_k, cross_v)
         x = x + h
         return x + self.ff(self.norm3(x)), attention, k_cache, v_cache
