@@ -122,6 +122,7 @@ def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed:
     full_length = pairs.tokens.shape[1]
     regions, dim = pairs.features.shape[1:]
     lengths = caption_lengths(pairs.tokens)
+    mean_tokens = max(float(np.mean(lengths - 1)), 1.0) if len(lengths) else 1.0  # targets: all but <start>
 
     def generate():
         rng = np.random.default_rng([seed, epoch[0]])
@@ -136,7 +137,14 @@ def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed:
             keep = max(int(lengths[rows].max()), 2) if length_buckets else full_length
             tokens = pairs.tokens[rows, :keep]
             target = tokens[:, 1:]
-            yield (features, tokens[:, :-1]), target, (target != PAD_ID).astype(np.float32)
+            weights = (target != PAD_ID).astype(np.float32)
+            if length_buckets:
+                # The loss (compile_model) divides by rows x positions; these weights turn that into
+                # a sum over real tokens / (rows x the split's mean tokens per caption), so every
+                # token weighs the same in a batch of short captions as in one of long captions (a
+                # mean over each batch's own tokens would weigh a short caption's tokens more).
+                weights *= target.shape[1] / mean_tokens
+            yield (features, tokens[:, :-1]), target, weights
 
     # A variable length: Keras' fit traces its step once for the [None, None] spec (no retracing
     # per batch length; no XLA on CPU), so shorter batches cost fewer decoder positions.
@@ -226,8 +234,9 @@ def _loss_class():
     class SmoothedCaptionLoss(keras.losses.Loss):
         """Per-token cross-entropy with label smoothing; padding is masked by the sample weights."""
 
-        def __init__(self, smoothing: float = 0.0, name: str = "caption_loss"):
-            super().__init__(name=name, reduction="mean_with_sample_weight")
+        def __init__(self, smoothing: float = 0.0, name: str = "caption_loss",
+                     reduction: str = "mean_with_sample_weight"):
+            super().__init__(name=name, reduction=reduction)
             self.smoothing = smoothing
 
         def call(self, y_true, y_pred):
@@ -272,7 +281,10 @@ def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
         learning_rate=_schedule(cfg.train.learning_rate, cfg.train.warmup_steps, total),
         weight_decay=cfg.train.weight_decay, global_clipnorm=cfg.train.clip_norm or None,
         use_ema=cfg.train.ema_momentum > 0, ema_momentum=cfg.train.ema_momentum or 0.99)
-    model.compile(optimizer=optimizer, loss=_loss_class()(cfg.train.label_smoothing))
+    # Length-bucketed batches carry weights that already hold the normaliser (input_pipeline), so
+    # their loss is a plain sum over the batch's elements divided by its size.
+    reduction = "sum_over_batch_size" if cfg.train.length_buckets else "mean_with_sample_weight"
+    model.compile(optimizer=optimizer, loss=_loss_class()(cfg.train.label_smoothing, reduction=reduction))
 
 
 # -- the trained-model folder --------------------------------------------------------------------

@@ -32,6 +32,10 @@ def make_pairs(flipped: bool = False) -> CaptionPairs:
                         tokens, -features if flipped else None)
 
 
+def MEAN_TARGET_TOKENS(pairs: CaptionPairs) -> float:  # noqa: N802 - a constant of the pairs
+    return float(((pairs.tokens != PAD_ID).sum(1) - 1).mean())
+
+
 def epoch(dataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """One pass: (features, input tokens, targets, weights) per batch."""
     return [(f, x, y, w) for (f, x), y, w in dataset.as_numpy_iterator()]
@@ -53,8 +57,12 @@ def test_buckets_trim_each_batch_to_its_longest_caption_and_see_every_pair_once(
     for features, inputs, targets, weights in batches:
         ids = inputs[:, 1] - 10
         assert inputs.shape[1] == targets.shape[1] == lengths[ids].max() - 1
-        np.testing.assert_array_equal(weights, (targets != PAD_ID).astype(np.float32))
-        assert weights.sum() == (lengths[ids] - 1).sum()  # every real target token still counts
+        mask = (targets != PAD_ID).astype(np.float32)
+        np.testing.assert_array_equal(weights > 0, mask > 0)  # every real target token counts, no padding
+        # Under the bucketed loss's reduction (sum / (rows x positions)) each real token weighs
+        # 1 / (rows x mean tokens per caption), in a batch of short captions as in one of long ones.
+        per_token = weights[mask > 0] / (len(ids) * targets.shape[1])
+        np.testing.assert_allclose(per_token, 1.0 / (len(ids) * MEAN_TARGET_TOKENS(pairs)), rtol=1e-6)
         np.testing.assert_array_equal(features[:, 0, 0], pairs.image_index[ids])
     # Similar lengths share a batch: far fewer padded positions than the unbucketed full length ...
     positions = sum(b[1].size for b in batches)
@@ -105,3 +113,37 @@ def test_unshuffled_pipeline_keeps_the_order_and_trims():
     batches = epoch(input_pipeline(pairs, 256, shuffle=False, seed=0, length_buckets=True))
     np.testing.assert_array_equal(np.concatenate([pair_ids(b) for b in batches]), np.arange(COUNT))
     assert [b[1].shape[1] for b in batches] == [lengths[s:s + 256].max() - 1 for s in range(0, COUNT, 256)]
+
+
+def test_bucketed_loss_weighs_every_token_alike_whatever_its_batch():
+    """The compiled loss with buckets (``sum_over_batch_size`` over the pipeline's weights) is the
+    batch's summed token loss over rows x the mean caption length: twice the tokens, twice the loss.
+    The unbucketed loss (a mean over the batch's own tokens) gives both batches the same loss."""
+    import keras
+
+    from captioner.config import Config, TrainConfig
+    from captioner.train import _loss_class, compile_model
+
+    pairs = make_pairs()
+    batches = epoch(input_pipeline(pairs, BATCH, shuffle=True, seed=3, length_buckets=True))[:-1]
+    short = min(batches, key=lambda b: b[3].astype(bool).sum())
+    long = max(batches, key=lambda b: b[3].astype(bool).sum())
+    vocab = 1024  # above every token id of make_pairs
+
+    def loss(batch, reduction, weights=None):
+        _, _, targets, w = batch
+        logits = np.zeros((*targets.shape, vocab), np.float32)  # every token: loss log(vocab)
+        return float(_loss_class()(0.0, reduction=reduction)(targets, logits,
+                                                              sample_weight=w if weights is None else weights))
+
+    for buckets, reduction in ((True, "sum_over_batch_size"), (False, "mean_with_sample_weight")):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        compile_model(model, Config(train=TrainConfig(length_buckets=buckets)), steps_per_epoch=10)
+        assert model.loss.reduction == reduction
+    for batch in (short, long):
+        tokens = batch[3].astype(bool).sum()
+        expected = tokens * np.log(vocab) / (BATCH * MEAN_TARGET_TOKENS(pairs))
+        assert loss(batch, "sum_over_batch_size") == pytest.approx(expected, rel=1e-5)
+    assert long[3].astype(bool).sum() > 1.5 * short[3].astype(bool).sum()
+    plain = [loss(b, "mean_with_sample_weight", (b[2] != PAD_ID).astype(np.float32)) for b in (short, long)]
+    assert plain[0] == pytest.approx(plain[1]) == pytest.approx(np.log(vocab))
