@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,9 +58,11 @@ def main() -> None:
                          parse_overrides(args.overrides))
     data = {"data": {"root": args.data_root}} if args.data_root else {}
     cfg = with_overrides(cfg, {"eval": {"split": "dev"}, **data})
-    scratch = args.output.with_name(f".{args.output.name}.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)  # our own half-made copy from an interrupted call
-    (scratch / CHECKPOINT_DIR).mkdir(parents=True)
+    # A fresh hidden folder beside --output, renamed into place once complete (never a user's path).
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.", dir=args.output.parent))
+    scratch.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
+    (scratch / CHECKPOINT_DIR).mkdir()
     for name in COPIED:
         shutil.copy2(source / name, scratch / name)
     for name in COPIED_CHECKPOINTS:
