@@ -61,25 +61,11 @@ def main() -> None:
     # A fresh hidden folder beside --output, renamed into place once complete (never a user's path).
     args.output.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.", dir=args.output.parent))
-    scratch.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
-    (scratch / CHECKPOINT_DIR).mkdir()
-    for name in COPIED:
-        shutil.copy2(source / name, scratch / name)
-    for name in COPIED_CHECKPOINTS:
-        shutil.copy2(source / CHECKPOINT_DIR / name, scratch / CHECKPOINT_DIR / name)
-    shutil.copytree(source / CHECKPOINT_DIR / "backup", scratch / CHECKPOINT_DIR / "backup")
-    with open(source / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    xe = [r for r in rows if r.get("phase") in ("", "xe", None)]
-    with open(scratch / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(xe)
-    (scratch / CONFIG_SNAPSHOT).write_text(json.dumps(cfg.to_dict(), indent=2))
-    state_path = scratch / CHECKPOINT_DIR / "run_state.json"
-    state = json.loads(state_path.read_text())
-    state["dataset"]["fingerprint"] = workflow.load_data(cfg).fingerprint()
-    state_path.write_text(json.dumps(state, indent=2))
+    try:
+        _copy_run(source, scratch, cfg)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)  # our own mkdtemp folder, never anything else
+        raise
     scratch.rename(args.output)
 
     started = time.perf_counter()
@@ -101,6 +87,32 @@ def main() -> None:
         print(f"SCST epoch {row['epoch']}: dev CIDEr-D {float(row['dev_cider']):.4f} "
               f"BLEU-4 {float(row['dev_bleu4']):.4f} reward {float(row['train_reward']):.4f}")
     print(json.dumps({"selected": result["scst"]["selected_epoch"], "dev_beam": out["dev_beam"]}, indent=1))
+
+
+def _copy_run(source: Path, scratch: Path, cfg) -> None:
+    """``source``'s cross-entropy state, history and vocabulary into ``scratch``, with ``cfg`` as its config."""
+    from captioner import workflow
+    from captioner.constants import CHECKPOINT_DIR, CONFIG_SNAPSHOT
+
+    scratch.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
+    (scratch / CHECKPOINT_DIR).mkdir()
+    for name in COPIED:
+        shutil.copy2(source / name, scratch / name)
+    for name in COPIED_CHECKPOINTS:
+        shutil.copy2(source / CHECKPOINT_DIR / name, scratch / CHECKPOINT_DIR / name)
+    shutil.copytree(source / CHECKPOINT_DIR / "backup", scratch / CHECKPOINT_DIR / "backup")
+    with open(source / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    xe = [r for r in rows if r.get("phase") in ("", "xe", None)]
+    with open(scratch / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(xe)
+    (scratch / CONFIG_SNAPSHOT).write_text(json.dumps(cfg.to_dict(), indent=2))
+    state_path = scratch / CHECKPOINT_DIR / "run_state.json"
+    state = json.loads(state_path.read_text())
+    state["dataset"]["fingerprint"] = workflow.load_data(cfg).fingerprint()
+    state_path.write_text(json.dumps(state, indent=2))
 
 
 if __name__ == "__main__":

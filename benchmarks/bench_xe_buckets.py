@@ -95,7 +95,8 @@ def bench_runs(data_root: str, epochs: int, out_root: Path) -> dict:
     results = {}
     for mode in ("on", "off"):
         output = out_root / f"xe_{mode}"
-        shutil.rmtree(output, ignore_errors=True)
+        if output.exists():  # may be a run of the user's: never removed here
+            raise SystemExit(f"{output} exists: remove it or give another --runs-dir")
         command = [str(CAPTIONER), "train", "--config", "flickr8k", "--set", f"data.root={data_root}",
                    "--set", f"train.epochs={epochs}", "--set", "scst.enabled=false", "--set", "eval.split=dev",
                    "--set", "decode.tune_length_penalty=false", "--set", "export.enabled=false",

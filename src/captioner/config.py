@@ -123,7 +123,10 @@ class ScstConfig:
     max_length: int = 0
     # Dropout (model.dropout, model.feature_dropout) in the gradient pass, as the self-critical code
     # bases train (their model stays in train mode); sampling always draws from the model without it.
+    # Keras keeps the dropout seed state out of checkpoints, so a resumed run draws other masks.
     dropout: bool = False
+    # Mirror half of each update's images (needs features.flip_train, whose mirrored features it uses).
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ class Config:
             (self.scst.learning_rate > 0, "scst.learning_rate", "must be > 0"),
             (self.scst.max_length == 0 or 2 <= self.scst.max_length <= self.export.max_decode_length,
              "scst.max_length", f"must be 0 (decode.max_length) or in [2, {self.export.max_decode_length}]"),
+            (not self.scst.mirror or self.features.flip_train, "scst.mirror",
+             "needs features.flip_train=true (the mirrored features it draws from)"),
             (self.data.format == "synthetic" or self.data.root != "", "data.root",
              "is required unless data.format=synthetic (e.g. --set data.root=../shared/data/flickr8k)"),
         ]

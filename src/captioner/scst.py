@@ -238,13 +238,15 @@ def teacher_forcing_rows(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inputs.astype(np.int32), samples.astype(np.int32)
 
 
-def update_features(pairs, index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The features of images ``index`` for one SCST update: with mirrored features
-    (``features.flip_train``) each image is mirrored with probability 1/2, as in cross-entropy
-    training, so SCST sees twice the views of the few training images it overfits."""
+def update_features(pairs, index: np.ndarray, rng: np.random.Generator, mirror: bool) -> np.ndarray:
+    """The features of images ``index`` for one SCST update: with ``mirror`` (``scst.mirror``) each
+    image is mirrored with probability 1/2, as in cross-entropy training with
+    ``features.flip_train``, so SCST sees twice the views of the few training images it overfits."""
     features = pairs.features[index]
-    if pairs.flipped is None:
+    if not mirror:
         return features
+    if pairs.flipped is None:
+        raise ValueError("scst.mirror needs the mirrored features (features.flip_train)")
     mirror = rng.random(len(index)) < 0.5
     return np.where(mirror[:, None, None], pairs.flipped[index], features)
 
@@ -339,7 +341,7 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
         rewards_seen, losses = [], []
         for step, begin in enumerate(range(0, num_images, images_per_step)):
             index = order[begin:begin + images_per_step]
-            features = tf.constant(update_features(train, index, rng))
+            features = tf.constant(update_features(train, index, rng, sc.mirror))
             seed = tf.constant([cfg.train.seed * 1_000_003 + epoch, step], tf.int32)
             drawn = sample(features, seed).numpy()
             rewards = reward_fn(index, drawn)
@@ -378,7 +380,7 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
         model.load_weights(str(ckpt_dir / "best.weights.h5"))
     summary.update({"epochs": done, "selected_epoch": best_epoch, "selected_dev_cider": round(best, 4),
                     "learning_rate": sc.learning_rate, "samples": sc.samples, "batch_images": sc.batch_images,
-                    "dropout": sc.dropout})
+                    "dropout": sc.dropout, "mirror": sc.mirror})
     return summary
 
 

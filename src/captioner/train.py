@@ -147,7 +147,8 @@ def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed:
             yield (features, tokens[:, :-1]), target, weights
 
     # A variable length: Keras' fit traces its step once for the [None, None] spec (no retracing
-    # per batch length; no XLA on CPU), so shorter batches cost fewer decoder positions.
+    # per batch length without XLA, as on CPU; with XLA, e.g. jit_compile on a GPU, each batch length
+    # compiles once, at most tokenizer.max_length times), so shorter batches cost fewer positions.
     length = None if length_buckets else full_length - 1
     spec = ((tf.TensorSpec([None, regions, dim], tf.float16), tf.TensorSpec([None, length], tf.int32)),
             tf.TensorSpec([None, length], tf.int32), tf.TensorSpec([None, length], tf.float32))
@@ -247,7 +248,7 @@ def _loss_class():
             return (1.0 - self.smoothing) * nll - self.smoothing * tf.reduce_mean(log_probs, axis=-1)
 
         def get_config(self):
-            return {"smoothing": self.smoothing, "name": self.name}
+            return {"smoothing": self.smoothing, "name": self.name, "reduction": self.reduction}
 
     return SmoothedCaptionLoss
 

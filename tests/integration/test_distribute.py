@@ -1,4 +1,5 @@
-"""tf.distribute from config: MirroredStrategy over two logical CPU devices trains the model."""
+"""tf.distribute from config: MirroredStrategy over two logical CPU devices trains the model (with
+length-bucketed batches of varying length; the multi-worker test trains full-length batches)."""
 
 import csv
 import json
@@ -18,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from captioner.config import load_config
     from captioner.train import make_strategy, train_model
     from captioner.workflow import extract_step, load_data, tokenize_step
-    cfg = load_config("smoke", ["train.distribute=mirrored", "train.epochs=2"])
+    cfg = load_config("smoke", ["train.distribute=mirrored", "train.epochs=2", "train.length_buckets=true"])
     data = load_data(cfg)
     tok = tokenize_step(cfg, data, sys.argv[1])
     store = extract_step(cfg, data, progress=False)

@@ -122,7 +122,7 @@ def test_gradient_pass_applies_dropout_only_when_asked(dropout):
         np.testing.assert_allclose(noisy, plain, rtol=1e-6)
 
 
-def test_updates_mirror_half_the_images_when_mirrored_features_exist():
+def test_updates_mirror_half_the_images_with_scst_mirror():
     from captioner.scst import update_features
     from captioner.train import CaptionPairs
 
@@ -130,13 +130,25 @@ def test_updates_mirror_half_the_images_when_mirrored_features_exist():
     features = np.arange(n, dtype=np.float16)[:, None, None] * np.ones((1, 2, 3), np.float16)
     pairs = CaptionPairs([f"{i}.jpg" for i in range(n)], features, np.arange(n), np.zeros((n, 4), np.int32))
     index = np.random.default_rng(1).permutation(n)[:300]
-    np.testing.assert_array_equal(update_features(pairs, index, np.random.default_rng(0)), features[index])
+    with pytest.raises(ValueError, match="flip_train"):
+        update_features(pairs, index, np.random.default_rng(0), mirror=True)
 
     mirrored = CaptionPairs(pairs.images, features, pairs.image_index, pairs.tokens, flipped=-features - 1)
-    out = update_features(mirrored, index, np.random.default_rng(0))
+    # Without scst.mirror, mirrored features (cross-entropy's flip_train) are not used.
+    np.testing.assert_array_equal(update_features(mirrored, index, np.random.default_rng(0), False), features[index])
+    out = update_features(mirrored, index, np.random.default_rng(0), mirror=True)
     flipped = (out == mirrored.flipped[index]).all(axis=(1, 2))
     plain = (out == features[index]).all(axis=(1, 2))
     assert (flipped ^ plain).all()  # every row is its own image, one view or the other
     assert 0.4 < flipped.mean() < 0.6
     # The same epoch's generator draws the same views (a resumed SCST epoch repeats its updates).
-    np.testing.assert_array_equal(out, update_features(mirrored, index, np.random.default_rng(0)))
+    np.testing.assert_array_equal(out, update_features(mirrored, index, np.random.default_rng(0), True))
+
+
+def test_scst_mirror_needs_mirrored_features():
+    from captioner.config import load_config
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scst.mirror needs features.flip_train"):
+        load_config("smoke", ["scst.mirror=true"])
+    assert load_config("smoke", ["scst.mirror=true", "features.flip_train=true"]).scst.mirror
