@@ -7,6 +7,7 @@ signatures exactly as the gateway does, so its captions equal the in-graph ``ser
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -169,10 +170,20 @@ class StepwiseSearch:
 
 def _normalizer(lengths: np.ndarray, alpha: float) -> np.ndarray:
     """``length_normalizer(max(lengths, 1))`` by TensorFlow's own ops on the same shape as the
-    in-graph result computes it (a vectorised pow may round differently from a scalar one)."""
+    in-graph result computes it (a vectorised pow may round differently from a scalar one). Cached
+    by value: the same lengths give the same bits, and a few eager ops per request held the GIL that
+    the gateway's shared decode loop needs."""
+    lengths = np.maximum(np.asarray(lengths, np.int32), 1)
+    return _normalizer_of(lengths.tobytes(), lengths.shape, float(alpha))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalizer_of(lengths: bytes, shape: tuple[int, ...], alpha: float) -> np.ndarray:
     from captioner.model import decoding as D
 
-    return D.length_normalizer(np.maximum(lengths, 1), alpha).numpy()
+    out = D.length_normalizer(np.frombuffer(lengths, np.int32).reshape(shape), alpha).numpy()
+    out.flags.writeable = False
+    return out
 
 
 def _beam_result_np(search: dict[str, np.ndarray], k: int, alpha: float) -> dict[str, np.ndarray]:
