@@ -4,7 +4,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from captioner.data.images import _tf_decoder, load_image
 from captioner.errors import ImageError
@@ -128,6 +128,42 @@ GREY16 = RNG.integers(0, 65536, (30, 41), dtype=np.uint16)
         "bmp-palette", "bmp24", "bmp32"])
 def test_graph_library_and_pillow_agree_on_hard_modes(data):
     assert_same_everywhere(data, 24)
+
+
+SQUARE = Image.fromarray(RNG.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("options", [
+    {"quality": 50}, {"quality": 95, "subsampling": 0}, {"quality": 80, "subsampling": 1},
+    {"progressive": True}, {"optimize": True}, {"icc_profile": _ICC},
+], ids=["q50-420", "q95-444", "q80-422", "progressive", "optimized", "icc"])
+def test_a_model_size_rgb_jpeg_is_decoded_once_to_the_graphs_pixels(options, monkeypatch):
+    """The gateway's usual upload and every Flickr8k file: Pillow's decode is returned as it is, and
+    it equals what serving_default's graph computes from the same bytes."""
+    from captioner.data import images
+
+    data = encode(SQUARE, "JPEG", **options)
+    expected = pillow_reference(data, 24)
+    np.testing.assert_array_equal(graph_decode(data, 24), expected)
+    monkeypatch.setattr(images, "_decode", lambda *args: pytest.fail("decoded a second time"))
+    np.testing.assert_array_equal(load_image(data, 24), expected)
+
+
+@pytest.mark.parametrize("data", [
+    encode(SQUARE, "JPEG", exif=exif_blob(6, True)),   # turned: the graph applies the tag
+    encode(SQUARE.convert("L"), "JPEG"),                  # grey: the graph makes it RGB
+    encode(SQUARE.convert("CMYK"), "JPEG"),
+    encode(SQUARE, "PNG"),
+], ids=["exif-turned", "grey", "cmyk", "png"])
+def test_other_model_size_images_still_take_the_graphs_decoder(data, monkeypatch):
+    from captioner.data import images
+
+    calls = []
+    decode = images._decode
+    monkeypatch.setattr(images, "_decode", lambda *args: calls.append(1) or decode(*args))
+    assert_same_everywhere(data, 24)
+    assert calls == [1]
 
 
 def test_transparency_is_white_in_the_graph():

@@ -22,7 +22,6 @@ self-contained copy keyed by name (what the pipeline passes from step to step).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -34,11 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from captioner.config import FeaturesConfig
 from captioner.constants import FEATURES_INDEX
-from captioner.data.images import DEFAULT_MAX_PIXELS, PREPROCESSING_VERSION, load_image
+from captioner.data.images import PREPROCESSING_VERSION, load_image
 from captioner.errors import DataError
 from captioner.io_utils import atomic_write_json, atomic_write_text, exclusive_lock, file_sha256, read_json_dict
 
@@ -264,32 +262,13 @@ def _locked(folder: Path):
     return exclusive_lock(folder / ".lock", "extracting")
 
 
-_JPEG = b"\xff\xd8\xff"
-
-
 def decode_file(path: Path, size: int) -> np.ndarray:
-    """``load_image(path, size)``, with a plain JPEG decoded once instead of twice.
-
-    ``load_image`` decodes every file in full with Pillow (the judge of damaged files) and then
-    again with ``decode_image_tf``. For an RGB JPEG that is already ``size`` x ``size`` and has no
-    EXIF block, ``decode_image_tf`` does nothing but libjpeg-turbo's accurate integer decode (no
-    orientation, no resize), which is what Pillow has just done: its pixels are the spec that
-    function reproduces to the bit (``pillow_reference`` in the tests), so they are used as they
-    are. That halves the CPU spent decoding, which shares the two cores with the backbone. Anything
-    else, and any file Pillow objects to, goes through ``load_image``, which also words the error.
-    """
+    """``load_image(path, size)`` with the file read here, so that an error names the path. A plain
+    JPEG of the backbone's size is decoded once (``images._needs_nothing_more``)."""
     try:
         data = Path(path).read_bytes()
     except OSError:
-        return load_image(path, size)
-    if data.startswith(_JPEG) and b"Exif\0\0" not in data and size * size <= DEFAULT_MAX_PIXELS:
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size):
-                    img.load()
-                    return np.asarray(img)
-        except Exception:  # noqa: BLE001 - load_image below judges the file and says what is wrong
-            pass
+        return load_image(path, size)  # which words the error
     return load_image(data, size, label=str(path))
 
 
