@@ -341,15 +341,10 @@ def _np_top_k(x: np.ndarray, k: int) -> np.ndarray:
 @functools.lru_cache(maxsize=256)
 def penalties(max_length: int, alpha: float) -> np.ndarray:
     """``length_normalizer(0 .. max_length + 2, alpha)`` as NumPy float32, computed by TensorFlow one
-    length at a time, as the searches compute them (a vectorised pow may round differently). Read-only
-    and shared: every request's search asks for it, and ~140 eager ops per request held the GIL that
-    the gateway's shared decode loop needs."""
-    return _penalties(int(max_length), float(alpha))
-
-
-@functools.lru_cache(maxsize=64)
-def _penalties(max_length: int, alpha: float) -> np.ndarray:
-    table = np.array([length_normalizer(tf.constant(n), alpha).numpy() for n in range(max_length + 3)], np.float32)
+    length at a time, as the searches compute them (a vectorised pow may round differently).
+    Read-only: every search of these settings shares the cached table."""
+    table = np.array([length_normalizer(tf.constant(n), float(alpha)).numpy() for n in range(max_length + 3)],
+                     np.float32)
     table.flags.writeable = False
     return table
 
