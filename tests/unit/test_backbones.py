@@ -44,6 +44,20 @@ def test_imagenet_mobilenet_features_of_a_real_image():
     assert features.shape == (1, 49, 768) and features.min() >= 0 and features.mean() > 0.01
 
 
+@needs_weights
+def test_mobilenet_at_a_larger_input_gives_a_larger_grid_with_the_224_weights():
+    """Issue #9's larger feature grid: Keras has MobileNet weights for 128-224 px only and loads the
+    224 px file at other sizes; the same convolutions on a 288 px input give 9x9 regions."""
+    from captioner.features.backbones import BACKBONES
+
+    assert BACKBONES["mobilenet_v1_075"].weights_path(288) == "mobilenet_7_5_224_tf_no_top.h5"
+    assert BACKBONES["mobilenet_v1_075"].weights_path(160) == "mobilenet_7_5_160_tf_no_top.h5"
+    large = build_backbone("mobilenet_v1_075", "imagenet", 288)
+    small = build_backbone("mobilenet_v1_075", "imagenet", 224)
+    assert large.output_shape == (None, 81, 768)
+    assert all(np.array_equal(a, b) for a, b in zip(large.get_weights(), small.get_weights(), strict=True))
+
+
 @needs_flickr8k
 def test_reads_the_real_flickr8k_split():
     from captioner.data.readers import read_dataset

@@ -22,6 +22,15 @@ class BackboneSpec:
     # Keras cache file holding ImageNet weights (no top), for a clear error when it is missing.
     weights_file: str | None
     description: str
+    # Input sizes with weights of their own (``{size}`` in weights_file); at any other size Keras
+    # loads the first size's file into the same convolutions (a larger input gives a larger grid).
+    weight_sizes: tuple[int, ...] = ()
+
+    def weights_path(self, image_size: int) -> str | None:
+        if self.weights_file is None:
+            return None
+        own = image_size if image_size in self.weight_sizes or not self.weight_sizes else self.weight_sizes[0]
+        return self.weights_file.format(size=own)
 
 
 def keras_cache_dir() -> Path:
@@ -89,7 +98,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec("mobilenet_v1_075", _applications_backbone("MobileNet", _mobilenet_scale, alpha=0.75),
-                     "mobilenet_7_5_{size}_tf_no_top.h5", "MobileNet v1, alpha 0.75: 7x7x768 at 224"),
+                     "mobilenet_7_5_{size}_tf_no_top.h5",
+                     "MobileNet v1, alpha 0.75: 7x7x768 at 224, 9x9 at 288, 10x10 at 320",
+                     weight_sizes=(224, 128, 160, 192)),
         BackboneSpec("efficientnet_b0", _applications_backbone("EfficientNetB0", _identity_scale),
                      "efficientnetb0_notop.h5", "EfficientNetB0: 7x7x1280 at 224"),
         BackboneSpec("mobilenet_v3_large",
@@ -110,7 +121,7 @@ def build_backbone(name: str, weights: str = "imagenet", image_size: int = 224):
         raise ModelError(f"unknown backbone {name!r}; backbones: {', '.join(BACKBONES)}",
                          field="features.backbone") from None
     if weights == "imagenet" and spec.weights_file:
-        expected = keras_cache_dir() / spec.weights_file.format(size=image_size)
+        expected = keras_cache_dir() / spec.weights_path(image_size)
         if not expected.is_file():
             raise ModelError(
                 f"ImageNet weights for {name} not found at {expected}: copy them there (offline: "
