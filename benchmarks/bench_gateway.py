@@ -252,6 +252,8 @@ def main() -> None:
     if args.threads is None:
         args.threads = 16 if args.mode == "batching" else 4
     if args.mode == "batching":
+        if args.rounds < 1:
+            parser.error("--rounds must be at least 1")
         batching_comparison(args)
         return
 

@@ -169,10 +169,12 @@ class StepwiseSearch:
 
 
 def _normalizer(lengths: np.ndarray, alpha: float) -> np.ndarray:
-    """``length_normalizer(max(lengths, 1))`` by TensorFlow's own ops on the same shape as the
-    in-graph result computes it (a vectorised pow may round differently from a scalar one). Cached
-    by value (the same lengths give the same bits): in the gateway's batched path these few eager ops
-    per request, waiting for the GIL among the decode loop and the HTTP threads, took ~5 ms."""
+    """``length_normalizer(max(lengths, 1))`` by TensorFlow's own (eager) ops on the same shape as the
+    eager ``decoding.beam_result`` (a vectorised pow may round differently from a scalar one). Inside
+    a traced graph Grappler folds ``/ 6`` into a multiplication, so a normaliser there can differ in
+    the last bit: scores may, captions do not (tested). Cached by value (the same lengths give the
+    same bits): in the gateway's batched path these few eager ops per request, waiting for the GIL
+    among the decode loop and the HTTP threads, took ~5 ms."""
     lengths = np.maximum(np.asarray(lengths, np.int32), 1)
     return _normalizer_of(lengths.tobytes(), lengths.shape, float(alpha))
 

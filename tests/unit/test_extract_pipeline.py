@@ -56,11 +56,11 @@ def _variants() -> dict[str, bytes]:
     }
 
 
-def test_decode_file_gives_load_images_pixels_and_errors(tmp_path):
+def test_decode_file_gives_the_preprocessings_pixels_and_load_images_errors(tmp_path):
     for name, data in _variants().items():
         path = tmp_path / name
         path.write_bytes(data)
-        np.testing.assert_array_equal(decode_file(path, 24), load_image(path, 24), err_msg=name)
+        np.testing.assert_array_equal(decode_file(path, 24), pillow_reference(data, 24), err_msg=name)
     bad = tmp_path / "cut.jpg"
     bad.write_bytes(_jpeg(_photo(), quality=90)[:300])
     with pytest.raises(ImageError) as expected:

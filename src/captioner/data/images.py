@@ -16,7 +16,9 @@ Pillow itself, so a Pillow upgrade that changes its arithmetic shows up there.
 ``load_image`` keeps Pillow as the gatekeeper (format detection, pixel limit, decompression bombs,
 clear errors for damaged files) and hands the bytes to the TensorFlow function; formats that
 TensorFlow cannot decode (WebP, TIFF, 1- 4- 16-bit or compressed BMPs, ...) are first re-encoded
-losslessly as PNG, their EXIF orientation carried along in an ``eXIf`` chunk.
+losslessly as PNG, their EXIF orientation carried along in an ``eXIf`` chunk. One case skips the
+TensorFlow function: an RGB JPEG of exactly the input size without EXIF, where the function would do
+nothing but the decode Pillow has just done (``_needs_nothing_more``; the tests pin the two equal).
 """
 
 from __future__ import annotations
@@ -564,7 +566,7 @@ def load_image(source: bytes | str | Path, size: int, *, max_pixels: int = DEFAU
             # Pillow decodes in full first: it is the judge of damaged files, with the errors below.
             img.load()
             if _needs_nothing_more(data, img, size):
-                return np.asarray(img)
+                return np.array(img)  # a writable copy, as the other paths return
             encoded = data if _tf_reads(data, img) else _as_png(img)
     except ImageError:
         raise
