@@ -118,13 +118,14 @@ Example:
                    "run is continued, with the same config (see README).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(config_name: str, output: Path, overrides: tuple[str, ...], restart: bool, quiet: bool) -> None:
-    """Extract features (cached), train, evaluate on the test split and export a SavedModel."""
+    """Extract features (cached), train, evaluate (on the test split unless eval.split says dev) and
+    export a SavedModel."""
     from captioner.workflow import run_training
 
     cfg = _config(config_name, overrides)
     summary = run_training(cfg, output, restart=restart, progress=not quiet)
     metrics = summary["final_metrics"]
-    click.echo(f"run complete: {output}  test BLEU-4 {metrics.get('bleu4', float('nan')):.4f} (beam), "
+    click.echo(f"run complete: {output}  {cfg.eval.split} BLEU-4 {metrics.get('bleu4', float('nan')):.4f} (beam), "
                f"{metrics.get('greedy_bleu4', float('nan')):.4f} (greedy); "
                f"SavedModel: {output / 'saved_model' if cfg.export.enabled else 'not exported'}")
 
