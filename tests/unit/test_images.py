@@ -147,7 +147,9 @@ def test_a_model_size_rgb_jpeg_is_decoded_once_to_the_graphs_pixels(options, mon
     expected = pillow_reference(data, 24)
     np.testing.assert_array_equal(graph_decode(data, 24), expected)
     monkeypatch.setattr(images, "_decode", lambda *args: pytest.fail("decoded a second time"))
-    np.testing.assert_array_equal(load_image(data, 24), expected)
+    pixels = load_image(data, 24)
+    np.testing.assert_array_equal(pixels, expected)
+    assert pixels.flags.writeable  # like every other path's result: a caller may edit it in place
 
 
 @pytest.mark.parametrize("data", [
