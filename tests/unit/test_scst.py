@@ -152,3 +152,48 @@ def test_scst_mirror_needs_mirrored_features():
     with pytest.raises(ConfigError, match="scst.mirror needs features.flip_train"):
         load_config("smoke", ["scst.mirror=true"])
     assert load_config("smoke", ["scst.mirror=true", "features.flip_train=true"]).scst.mirror
+
+
+@pytest.mark.parametrize("dropout,mirror", [(False, False), (True, True)])
+def test_train_scst_passes_its_dropout_and_mirror_settings_through(tmp_path, monkeypatch, dropout, mirror):
+    """The unit tests above pin what ``scst.dropout`` and ``scst.mirror`` do; this one pins that
+    ``train_scst`` hands them to those functions (a wiring slip would leave both silently off)."""
+    import captioner.scst as scst
+    from captioner.config import ModelConfig, load_config
+    from captioner.constants import CHECKPOINT_DIR
+    from captioner.model.captioner import build_model
+    from captioner.tracking import ExperimentTracker
+    from captioner.train import CaptionPairs, encode_captions
+
+    seen = {"training": set(), "mirror": set()}
+    real_log_probs, real_features = scst.sequence_log_probs, scst.update_features
+
+    def log_probs_spy(*args, training=False, **kwargs):
+        seen["training"].add(training)
+        return real_log_probs(*args, training=training, **kwargs)
+
+    def features_spy(pairs, index, rng, mirror):
+        seen["mirror"].add(mirror)
+        return real_features(pairs, index, rng, mirror)
+
+    monkeypatch.setattr(scst, "sequence_log_probs", log_probs_spy)
+    monkeypatch.setattr(scst, "update_features", features_spy)
+
+    captions = ["a dog runs", "a cat sits", "a dog sits", "a cat runs"] * 2
+    tokenizer = Tokenizer.fit(captions, min_count=1)
+    cfg = load_config("smoke", ["scst.epochs=1", "scst.batch_images=4", "scst.samples=2", "decode.max_length=5",
+                                "features.flip_train=true", f"scst.dropout={str(dropout).lower()}",
+                                f"scst.mirror={str(mirror).lower()}"])
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(8, 4, 6)).astype(np.float16)
+    images = [f"{i}.jpg" for i in range(8)]
+    pairs = CaptionPairs(images, features, np.arange(8), encode_captions(captions, tokenizer, 6),
+                         flipped=features[:, ::-1].copy())
+    model = build_model(tokenizer.vocab_size, 4, 6, ModelConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32))
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    model.save_weights(str(tmp_path / CHECKPOINT_DIR / "best.weights.h5"))
+    summary = scst.train_scst(model, cfg, pairs, pairs, dict(zip(images, ([c] for c in captions), strict=True)),
+                              [[c] for c in captions], tokenizer, tmp_path, ExperimentTracker(tmp_path),
+                              first_epoch=0, progress=False)
+    assert seen == {"training": {dropout}, "mirror": {mirror}}
+    assert (summary["dropout"], summary["mirror"]) == (dropout, mirror)
