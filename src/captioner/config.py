@@ -134,8 +134,10 @@ class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20
     length_penalty: float = 0.6
-    # Pick length_penalty on the dev split (BLEU-4) from LENGTH_PENALTY_GRID before testing/export.
+    # Pick length_penalty on the dev split from LENGTH_PENALTY_GRID before testing/export, by dev
+    # BLEU-4 or CIDEr-D (tune_metric; the length that suits one metric need not suit the other).
     tune_length_penalty: bool = False
+    tune_metric: Literal["bleu4", "cider"] = "bleu4"
 
 
 LENGTH_PENALTY_GRID = (0.0, 0.3, 0.6, 0.9, 1.2, 1.5)

@@ -6,6 +6,7 @@ import tensorflow as tf
 from captioner.config import LENGTH_PENALTY_GRID, with_overrides
 from captioner.evaluate import quick_bleu4
 from captioner.model.decoding import decode
+from captioner.scst import corpus_cider
 from captioner.train import load_trained
 from captioner.workflow import extract_step, load_data, tune_length_penalty
 
@@ -13,11 +14,12 @@ from captioner.workflow import extract_step, load_data, tune_length_penalty
 pytestmark = pytest.mark.integration
 
 
-def test_tune_length_penalty_picks_the_best_dev_bleu(smoke_run):
+@pytest.mark.parametrize("metric", ["bleu4", "cider"])
+def test_tune_length_penalty_picks_the_best_dev_score(smoke_run, metric):
     out, cfg = smoke_run
     # With the smoke config's 2 beams every penalty gives the same captions; with 5 they differ
     # (dev BLEU-4 0.260 at 0.0, 0.284 at 0.3, 0.284 from 0.6 on when this was written).
-    cfg = with_overrides(cfg, {"decode": {"beam_size": 5}})
+    cfg = with_overrides(cfg, {"decode": {"beam_size": 5, "tune_metric": metric}})
     model, tokenizer, _ = load_trained(out)
     data = load_data(cfg)
     store = extract_step(cfg, data, progress=False)
@@ -32,8 +34,10 @@ def test_tune_length_penalty_picks_the_best_dev_bleu(smoke_run):
         tokens = decode(model, model.encode(features), beam_size=cfg.decode.beam_size,
                         max_length=cfg.decode.max_length, length_penalty=candidate)["tokens"][:, 0].numpy()
         hyps = {image: tokenizer.decode(ids) for image, ids in zip(dev, tokens, strict=True)}
-        expected[str(candidate)] = quick_bleu4(data.split_captions("dev"), hyps)
+        score = quick_bleu4 if metric == "bleu4" else corpus_cider
+        expected[str(candidate)] = score(data.split_captions("dev"), hyps)
     assert grid == pytest.approx(expected, abs=1e-9)
+    assert len(set(expected.values())) > 1  # the penalty changes this score, so the choice is tested
     assert alpha in LENGTH_PENALTY_GRID and grid[str(alpha)] == max(expected.values())
     # On ties the first (smallest) penalty of the grid wins, so the choice is reproducible.
     assert alpha == next(a for a in LENGTH_PENALTY_GRID if expected[str(a)] == max(expected.values()))
