@@ -15,7 +15,10 @@ backbone of new requests and the decode steps of running ones use the two cores 
   max length, length penalty) take one NumPy greedy/beam update together, each image at its own
   position (``captioner.predictor.SearchGroup``: ``StepwiseSearch``'s update, the decoders' own
   rules, for many requests at once), and a request leaves when its search is done; encoded
-  requests join at the next step, without waiting for the others;
+  requests join at the next step, without waiting for the others. The beams' reordering and the
+  rows of requests that left are applied to the state and features in their own memory, copying
+  only the rows that move and only the state slots written so far (a gather into new tensors moved
+  the whole state on every step: a quarter of the step's cost at 16 clients);
 * the caller's thread turns its finished search into the result (a few dozen small TensorFlow ops
   that would otherwise stall every other request's next step);
 * a request that finds nothing decoding and no other request within the batch timeout has nobody to
@@ -82,7 +85,8 @@ class BatchScheduler:
     away."""
 
     def __init__(self, model, max_batch_size: int = 128, timeout_seconds: float = 0.001,
-                 idle_seconds: float = 5.0, alone_when_idle: bool = True, encode_wait_seconds: float = 0.0):
+                 idle_seconds: float = 5.0, alone_when_idle: bool = True, encode_wait_seconds: float = 0.0,
+                 in_place: bool | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = model
@@ -91,6 +95,9 @@ class BatchScheduler:
         self.idle_seconds = idle_seconds
         self.encode_wait_seconds = max(0.0, float(encode_wait_seconds))
         self.alone_when_idle = alone_when_idle
+        # Reorder and compact the loop's state and features in their own memory (see _move_rows);
+        # where TensorFlow gives no writable view, gather them into new tensors.
+        self.in_place = in_place_supported() if in_place is None else bool(in_place)
         self.on_call: CallHook | None = None
         self.on_batch: BatchHook | None = None
         self.on_queue: QueueHook | None = None
@@ -370,11 +377,14 @@ class BatchScheduler:
                 group.members.clear()
             return True, None, None
         log_probs, attention = log_probs.numpy(), attention.numpy()
-        index, offset, left = [], 0, False
+        index, images, offset, left = [], [], 0, False
         for group in groups:
-            rows = group.rows
+            rows, k = group.rows, group.beam_size
             source, finished = group.advance(log_probs[offset:offset + rows], attention[offset:offset + rows])
             index.append(source + offset)
+            # The beams of an image share its features: each row keeps the features row of its own
+            # beam slot, so only rows behind a request that left move (not every reordered beam).
+            images.append((source // k) * k + np.arange(len(source)) % k + offset)
             for search in finished:
                 job = jobs.pop(id(search))
                 job.steps = search.t
@@ -384,12 +394,18 @@ class BatchScheduler:
         index = np.concatenate(index)
         if not len(index):
             return left, None, None
+        if self.in_place:
+            # Every row's slots past its position are zeros (the step writes one slot per row and
+            # rows join with a zero state), so a row's first `visible` slots are the whole row.
+            state = _move_rows(new_state, index, prefix=int(position.max()) + 1)
+            if left:
+                features = _move_rows(features, np.concatenate(images))
+            return left, features, state
         # Greedy rows and beams that kept their order continue their own state: no copy.
         state = new_state if (not left and np.array_equal(index, np.arange(len(index)))) else \
             tf.gather(new_state, index)
         if left:
-            # Beams of an image share its features, so the reorder within a request changes nothing.
-            features = tf.gather(features, index)
+            features = tf.gather(features, np.concatenate(images))
         return left, features, state
 
     def _timed(self, signature: str, rows: int, call: Callable):
@@ -400,3 +416,60 @@ class BatchScheduler:
         if self.on_batch is not None:
             self.on_batch(signature, rows)
         return out
+
+
+def _writable_view(tensor) -> np.ndarray | None:
+    """The memory of an eager host tensor as a writable NumPy array (no copy), or None where this
+    TensorFlow gives none (``numpy()`` copies; ``_numpy()`` is the view it wraps; a GPU tensor's
+    would be a copy, and writes to it lost)."""
+    view = getattr(tensor, "_numpy", None)
+    if view is None or "CPU" not in str(getattr(tensor, "backing_device", "")):
+        return None
+    try:
+        array = view()
+    except Exception:  # not on the host, or a dtype without a NumPy view
+        return None
+    return array if isinstance(array, np.ndarray) and array.flags.writeable else None
+
+
+def in_place_supported() -> bool:
+    """Whether ``_move_rows`` can write through ``_writable_view``: a write through the view shows
+    in the tensor, and a leading-rows slice keeps the tensor's memory (TensorFlow's aligned
+    dim-0 slice). Checked once per process on a fresh tensor."""
+    global _IN_PLACE
+    if _IN_PLACE is None:
+        import tensorflow as tf
+
+        probe = tf.fill([4, 64], np.float32(0))
+        view = _writable_view(probe)
+        ok = view is not None
+        if ok:
+            view[1, 3] = 5.0
+            head = _writable_view(probe[:2])
+            ok = float(probe[1, 3]) == 5.0 and head is not None and head.ctypes.data == view.ctypes.data
+        _IN_PLACE = ok
+    return _IN_PLACE
+
+
+_IN_PLACE: bool | None = None
+
+
+def _move_rows(tensor, index: np.ndarray, prefix: int | None = None):
+    """``tf.gather(tensor, index)`` for ``index`` that maps rows into the first ``len(index)`` rows,
+    written in place into ``tensor`` (which nothing else may hold): only the rows whose source is
+    another row are copied, only their first ``prefix`` entries along axis 2 when given, and the
+    result is the leading-rows slice (the same memory). The decode loop's own tensors only: the
+    state a ``decode_step`` call returned and the features it built. A tensor without a writable
+    host view is gathered."""
+    moved = np.flatnonzero(index != np.arange(len(index)))
+    if len(moved):
+        view = _writable_view(tensor)
+        if view is None:
+            import tensorflow as tf
+
+            return tf.gather(tensor, index)
+        if prefix is None:
+            view[moved] = view[index[moved]]            # the right side is a copy: overlaps are safe
+        else:
+            view[moved, :, :prefix] = view[index[moved], :, :prefix]
+    return tensor if len(index) == int(tensor.shape[0]) else tensor[:len(index)]

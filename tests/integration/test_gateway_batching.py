@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from captioner.serving.app import create_app
-from captioner.serving.batching import BatchScheduler
+from captioner.serving.batching import BatchScheduler, _move_rows, in_place_supported
 from captioner.serving.settings import Settings
 from PIL import Image
 
@@ -191,11 +191,12 @@ FIRST = [(1, 3, 12), (2, 1, 10), (1, 2, 4)]
 LATER = [(3, 4, 20), (1, 1, 3), (2, 5, 8), (1, 3, 12)]
 
 
-def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone(model):
+@pytest.mark.parametrize("in_place", [True, False], ids=["rows-moved-in-place", "rows-gathered"])
+def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone(model, in_place):
     alpha = float(model.metadata["length_penalty"])
     recording = Recording(model)
     # A long batch timeout: the first wave is surely encoded in one call.
-    scheduler = BatchScheduler(recording, max_batch_size=128, timeout_seconds=0.5)
+    scheduler = BatchScheduler(recording, max_batch_size=128, timeout_seconds=0.5, in_place=in_place)
     requests = [(_pixels(model, n, seed), k, length) for seed, (n, k, length) in enumerate(FIRST + LATER)]
     results: dict[int, tuple] = {}
 
@@ -240,6 +241,27 @@ def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone
         np.testing.assert_allclose(batched["scores"], alone["scores"], atol=1e-5, err_msg=f"request {i}")
         assert ([[text for text, _ in c.nbest] for c in results_from_decode(batched, model.vocab)]
                 == [[text for text, _ in c.nbest] for c in results_from_decode(alone, model.vocab)])
+
+
+def test_rows_moved_in_place_equal_the_gathered_rows():
+    # The decode loop reorders beams and drops finished requests' rows inside the state tensor's own
+    # memory, copying only the rows that move and, for the state, only the slots written so far.
+    assert in_place_supported(), "this TensorFlow gives no writable view: the gateway gathers instead"
+    rng = np.random.default_rng(5)
+    rows, pairs, slots, width, visible = 9, 4, 10, 6, 4
+    state = rng.standard_normal((rows, pairs, slots, width)).astype(np.float32)
+    state[:, :, visible:] = 0.0          # as in the loop: nothing past the furthest position written
+    index = np.array([1, 0, 2, 2, 6, 7, 8])   # two beams swap, one is copied, rows 3-5 leave
+    expected = tf.gather(tf.constant(state), index).numpy()
+    tensor = tf.identity(tf.constant(state))
+    address = tensor._numpy().ctypes.data
+    moved = _move_rows(tensor, index, prefix=visible)
+    np.testing.assert_array_equal(moved.numpy(), expected)
+    assert moved._numpy().ctypes.data == address            # the same memory, no new tensor
+    np.testing.assert_array_equal(_move_rows(tf.identity(tf.constant(state)), index).numpy(), expected)
+    # Nothing moves: the tensor itself comes back.
+    same = tf.identity(tf.constant(state))
+    assert _move_rows(same, np.arange(rows), prefix=visible) is same
 
 
 def test_requests_arriving_while_others_decode_wait_to_be_encoded_together(model):
