@@ -3,7 +3,8 @@
 Each ``--row NAME=MEMBER[,MEMBER...]`` (a run folder, or a ``.weights.h5`` checkpoint inside one) is
 combined with ``captioner.train.save_ensemble`` under each ``--combine`` rule (a one-member row is the
 model alone) and scored on the dev split with the COCO scorer, greedy and beam, at the first member's
-decoding settings (its tuned length penalty). The test split is not looked at.
+decoding settings (its tuned length penalty, or each of ``--length-penalty``). The test split is not
+looked at.
 
     CAPTIONER_CACHE=... python benchmarks/bench_ensemble.py --data-root ../shared/data/flickr8k \\
         --row "run A=runs/a" --row "A + B=runs/a,runs/b" \\
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", default=["prob"], choices=["prob", "log_prob"])
     parser.add_argument("--beam-size", type=int, nargs="+", default=None,
                         help="beam widths to score (default: the first member's)")
+    parser.add_argument("--length-penalty", type=float, nargs="+", default=None,
+                        help="length penalties to score the beam at (default: the first member's)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
 
@@ -51,10 +54,13 @@ def main() -> None:
                 cfg = with_overrides(model_spec.full_config, {"data": {"root": args.data_root}})
                 dataset = workflow.load_data(cfg)
                 store = workflow.extract_step(cfg, dataset, progress=False)
-                for i, beam_size in enumerate(args.beam_size or [cfg.decode.beam_size]):
+                settings = [(b, a) for b in args.beam_size or [cfg.decode.beam_size]
+                            for a in args.length_penalty or [cfg.decode.length_penalty]]
+                for i, (beam_size, penalty) in enumerate(settings):
                     started = time.perf_counter()
+                    decode = {"beam_size": beam_size, "length_penalty": penalty}
                     report = workflow.evaluate_model(model, tokenizer, store, dataset,
-                                                     with_overrides(cfg, {"decode": {"beam_size": beam_size}}),
+                                                     with_overrides(cfg, {"decode": decode}),
                                                      split="dev", progress=False)
                     for decoder in ("greedy", "beam") if i == 0 else ("beam",):  # greedy: the same each time
                         scores = report[decoder]
