@@ -115,8 +115,9 @@ class LocalBackend:
 
     def __init__(self, model_repo: str = "", model_name: str = "captioner", model_dir: str = "",
                  poll_seconds: float = 5.0, batching: bool = False, batch_max_size: int = 128,
-                 batch_timeout_ms: float = 1.0, batch_encode_wait_ms: float = 0.0):
+                 batch_timeout_ms: float = 1.0, batch_encode_wait_ms: float = 0.0, intra_op_threads: int = 0):
         self.model_repo, self.model_name, self.model_dir = model_repo, model_name, model_dir
+        self.intra_op_threads = intra_op_threads
         self.poll_seconds = poll_seconds
         self.batching, self.batch_max_size, self.batch_timeout_ms = batching, batch_max_size, batch_timeout_ms
         self.batch_encode_wait_ms = batch_encode_wait_ms
@@ -233,6 +234,7 @@ class LocalBackend:
         scheduler.on_queue = lambda seconds: self.on_queue and self.on_queue(seconds)
 
     def start(self) -> LocalBackend:
+        set_intra_op_threads(self.intra_op_threads)
         self.load_latest()
         if not self.model_dir and self.poll_seconds > 0:
             self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
@@ -503,6 +505,25 @@ class TFServingBackend:
         return results_from_decode({k: np.asarray(v) for k, v in out.items()}, vocab, request.with_attention)
 
 
+def set_intra_op_threads(threads: int) -> int:
+    """Let each TensorFlow op of this process use ``threads`` threads (0: leave TensorFlow's default),
+    before TensorFlow starts its runtime; returns the count in effect (0: TensorFlow's default). Once
+    the runtime runs (the gateway inside a process that used TensorFlow already, as in tests) it can
+    no longer change: a warning says so, and the gateway serves with what is set."""
+    import tensorflow as tf
+
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    if threads <= 0 or threads == current:
+        return current
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.warning("TensorFlow's runtime already runs: ops keep %s threads (CAPTIONER_INTRA_OP_THREADS=%d not "
+                    "applied)", current or "TensorFlow's default number of", threads)
+        return current
+    return threads
+
+
 def make_backend(settings):
     if settings.backend == "tfserving":
         return TFServingBackend(settings.tfserving_target, settings.model_name, settings.deadline_seconds,
@@ -512,4 +533,5 @@ def make_backend(settings):
                         batching=getattr(settings, "batching", False),
                         batch_max_size=getattr(settings, "batch_max_size", 128),
                         batch_timeout_ms=getattr(settings, "batch_timeout_ms", 1.0),
-                        batch_encode_wait_ms=getattr(settings, "batch_encode_wait_ms", 0.0))
+                        batch_encode_wait_ms=getattr(settings, "batch_encode_wait_ms", 0.0),
+                        intra_op_threads=getattr(settings, "intra_op_threads", 0))

@@ -389,3 +389,41 @@ def test_batching_settings_come_from_the_environment():
         Settings.from_env({"CAPTIONER_BATCH_TIMEOUT_MS": "-1"})
     with pytest.raises(ValueError, match="CAPTIONER_BATCH_ENCODE_WAIT_MS"):
         Settings.from_env({"CAPTIONER_BATCH_ENCODE_WAIT_MS": "-1"})
+
+
+_THREADS_PROBE = """
+import tensorflow as tf
+from captioner.serving.backends import make_backend
+from captioner.serving.settings import Settings
+backend = make_backend(Settings.from_env(model_repo={repo!r}, poll_seconds=0)).start()
+print("threads", tf.config.threading.get_intra_op_parallelism_threads(), backend.ready()[0])
+"""
+
+
+@pytest.mark.parametrize("env,expected", [({}, 1), ({"CAPTIONER_INTRA_OP_THREADS": "2"}, 2),
+                                          ({"CAPTIONER_INTRA_OP_THREADS": "0"}, 0)])
+def test_intra_op_threads_reach_tensorflow_before_its_runtime_starts(tmp_path, env, expected):
+    # A fresh gateway process (as each `captioner serve` worker is): the setting is applied before
+    # the model loads; 0 leaves TensorFlow's default (reported as 0).
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    out = subprocess.run([sys.executable, "-c", _THREADS_PROBE.format(repo=str(tmp_path))], capture_output=True,
+                         text=True, env={**environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"threads {expected} False" in out.stdout    # (no model in the repository: not ready)
+
+
+def test_intra_op_threads_cannot_change_a_running_runtime(caplog):
+    from captioner.serving.backends import set_intra_op_threads
+
+    tf.constant(1.0) + 1.0     # this test process's runtime runs
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    with caplog.at_level("WARNING"):
+        assert set_intra_op_threads(current + 3) == current
+    assert "not applied" in caplog.text
+    assert tf.config.threading.get_intra_op_parallelism_threads() == current
+    with pytest.raises(ValueError, match="CAPTIONER_INTRA_OP_THREADS"):
+        Settings.from_env({"CAPTIONER_INTRA_OP_THREADS": "-1"})
