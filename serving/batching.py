@@ -18,7 +18,8 @@ backbone of new requests and the decode steps of running ones use the two cores 
   requests join at the next step, without waiting for the others. The beams' reordering and the
   rows of requests that left are applied to the state and features in their own memory, copying
   only the rows that move and only the state slots written so far (a gather into new tensors moved
-  the whole state on every step: a quarter of the step's cost at 16 clients);
+  the whole state on every step: a quarter of the step's cost at 16 clients); joining rows' features
+  are copied into a pool behind the rows decoding, not concatenated with them;
 * the caller's thread turns its finished search into the result (a few dozen small TensorFlow ops
   that would otherwise stall every other request's next step);
 * a request that finds nothing decoding and no other request within the batch timeout has nobody to
@@ -295,11 +296,13 @@ class BatchScheduler:
         jobs: dict[int, _Job] = {}  # id(search) -> its request
         arrivals: list = []
         features = state = None
+        self._pool = None       # in place: the features of every row, in row order, with room for more
         try:
             while True:
                 with self._cond:
                     if not groups and not self._ready and not self._idle_wait(lambda: self._ready):
                         self._decoder = None  # under the lock: the encoder starts a new one
+                        self._pool = None
                         return
                     arrivals, self._ready = self._ready, []
                     self._decoding_rows = sum(g.rows for g in groups) + sum(s.rows for _, s in arrivals)
@@ -314,6 +317,7 @@ class BatchScheduler:
                         self._cond.notify_all()  # room for the encoder
         except BaseException as exc:  # never leave a caller waiting on a decoder that died
             log.exception("batch scheduler's decoder failed")
+            self._pool = None
             with self._cond:
                 pending, self._ready = list(self._ready), []
                 self._decoding_rows = 0
@@ -344,10 +348,6 @@ class BatchScheduler:
             added.setdefault(id(group), []).extend(range(block, block + search.rows))
             block += search.rows
         parts = [s.features for _, s in arrivals]
-        new_features = tf.constant(np.concatenate(parts) if len(parts) > 1 else parts[0])
-        new_state = tf.zeros([block, *self._state_shape], tf.float32)
-        if features is not None:
-            new_features, new_state = tf.concat([features, new_features], 0), tf.concat([state, new_state], 0)
         before = sum(rows for _, rows in old)
         order, offset = [], 0
         for group in groups:
@@ -355,9 +355,53 @@ class BatchScheduler:
             order += list(range(offset, offset + rows)) + [before + i for i in added.get(id(group), [])]
             offset += rows
         order = np.asarray(order)
-        if np.array_equal(order, np.arange(len(order))):
+        identity = np.array_equal(order, np.arange(len(order)))
+        if self.in_place:
+            joined = self._join_in_place(features, state, parts, before, order, identity, old)
+            if joined is not None:
+                return joined
+            self.in_place = False  # no writable host view (device memory): gather from now on
+            log.info("batch scheduler: the decode state has no writable host view; rows are gathered")
+        new_features = tf.constant(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        new_state = tf.zeros([block, *self._state_shape], tf.float32)
+        if features is not None:
+            new_features, new_state = tf.concat([features, new_features], 0), tf.concat([state, new_state], 0)
+        if identity:
             return new_features, new_state
         return tf.gather(new_features, order), tf.gather(new_state, order)
+
+    def _join_in_place(self, features, state, parts: list, before: int, order: np.ndarray, identity: bool,
+                       old: list):
+        """``_join``'s tensors, written in place: the features into the pool behind the rows decoding
+        (only the new rows are copied), the state into a zero state with room for the new rows (only
+        the slots written so far are copied). None where a tensor has no writable host view."""
+        import tensorflow as tf
+
+        rows = len(order)
+        written = max((int(g.position.max()) for g, n in old if n), default=0)   # slots written so far
+        new_state = tf.zeros([rows, *self._state_shape], tf.float32)
+        target, source = _writable_view(new_state), None if state is None else _writable_view(state)
+        if target is None or (state is not None and source is None):
+            return None
+        if source is not None and written:
+            target[:before, :, :written] = source[:, :, :written]
+        pool = self._pool
+        if pool is None or int(pool.shape[0]) < rows:
+            # Twice the rows: the pool grows a few times in a loop's life, not at every join.
+            pool = tf.zeros([2 * rows, *parts[0].shape[1:]], tf.float32)
+            if _writable_view(pool) is None:
+                return None
+            if features is not None:
+                _writable_view(pool)[:before] = _writable_view(features)
+            self._pool = pool
+        view = _writable_view(pool)
+        for part in parts:
+            view[before:before + len(part)] = part
+            before += len(part)
+        if not identity:
+            _move(view, order)
+            new_state = _move_rows(new_state, order, prefix=written)
+        return pool[:rows], new_state
 
     def _step(self, groups: list, jobs: dict, features, state):
         """One ``decode_step`` over every active row; each group advances; finished searches leave.
@@ -399,7 +443,8 @@ class BatchScheduler:
             # rows join with a zero state), so a row's first `visible` slots are the whole row.
             state = _move_rows(new_state, index, prefix=int(position.max()) + 1)
             if left:
-                features = _move_rows(features, np.concatenate(images))
+                _move(_writable_view(self._pool), np.concatenate(images))
+                features = self._pool[:len(index)]
             return left, features, state
         # Greedy rows and beams that kept their order continue their own state: no copy.
         state = new_state if (not left and np.array_equal(index, np.arange(len(index)))) else \
@@ -461,15 +506,24 @@ def _move_rows(tensor, index: np.ndarray, prefix: int | None = None):
     result is the leading-rows slice (the same memory). The decode loop's own tensors only: the
     state a ``decode_step`` call returned and the features it built. A tensor without a writable
     host view is gathered."""
-    moved = np.flatnonzero(index != np.arange(len(index)))
-    if len(moved):
+    if not np.array_equal(index, np.arange(len(index))):
         view = _writable_view(tensor)
         if view is None:
             import tensorflow as tf
 
             return tf.gather(tensor, index)
-        if prefix is None:
-            view[moved] = view[index[moved]]            # the right side is a copy: overlaps are safe
-        else:
-            view[moved, :, :prefix] = view[index[moved], :, :prefix]
+        _move(view, index, prefix)
     return tensor if len(index) == int(tensor.shape[0]) else tensor[:len(index)]
+
+
+def _move(view: np.ndarray, index: np.ndarray, prefix: int | None = None) -> None:
+    """``view[i] = view[index[i]]`` for the rows where that changes something (the right side is
+    read first, so overlapping moves are safe), the first ``prefix`` entries along axis 2 only when
+    given."""
+    rows = np.flatnonzero(index != np.arange(len(index)))
+    if not len(rows):
+        return
+    if prefix is None:
+        view[rows] = view[index[rows]]
+    else:
+        view[rows, :, :prefix] = view[index[rows], :, :prefix]
