@@ -296,7 +296,9 @@ class BatchScheduler:
         jobs: dict[int, _Job] = {}  # id(search) -> its request
         arrivals: list = []
         features = state = None
-        self._pool = None       # in place: the features of every row, in row order, with room for more
+        # In place: the features of every row, in row order, with room for more. This thread's own;
+        # a new decoder thread starts only after this one has let go of it (under the lock).
+        self._pool = None
         try:
             while True:
                 with self._cond:
@@ -503,9 +505,9 @@ def _move_rows(tensor, index: np.ndarray, prefix: int | None = None):
     """``tf.gather(tensor, index)`` for ``index`` that maps rows into the first ``len(index)`` rows,
     written in place into ``tensor`` (which nothing else may hold): only the rows whose source is
     another row are copied, only their first ``prefix`` entries along axis 2 when given, and the
-    result is the leading-rows slice (the same memory). The decode loop's own tensors only: the
-    state a ``decode_step`` call returned and the features it built. A tensor without a writable
-    host view is gathered."""
+    result is the leading-rows slice (the same memory). The decode loop's own tensors only: a
+    state that a ``decode_step`` call returned or ``_join`` built. A tensor without a writable host
+    view is gathered."""
     if not np.array_equal(index, np.arange(len(index))):
         view = _writable_view(tensor)
         if view is None:
