@@ -191,10 +191,14 @@ FIRST = [(1, 3, 12), (2, 1, 10), (1, 2, 4)]
 LATER = [(3, 4, 20), (1, 1, 3), (2, 5, 8), (1, 3, 12)]
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["rows-moved-in-place", "rows-gathered"])
-def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone(model, in_place):
+@pytest.mark.parametrize("in_place,host_view", [(True, True), (False, True), (True, False)],
+                         ids=["rows-moved-in-place", "rows-gathered", "no-writable-host-view"])
+def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone(model, in_place, host_view,
+                                                                                 monkeypatch):
     alpha = float(model.metadata["length_penalty"])
     recording = Recording(model)
+    if not host_view:  # as for tensors in GPU memory: the scheduler must fall back to gathering
+        monkeypatch.setattr("captioner.serving.batching._writable_view", lambda tensor: None)
     # A long batch timeout: the first wave is surely encoded in one call.
     scheduler = BatchScheduler(recording, max_batch_size=128, timeout_seconds=0.5, in_place=in_place)
     requests = [(_pixels(model, n, seed), k, length) for seed, (n, k, length) in enumerate(FIRST + LATER)]
@@ -231,6 +235,7 @@ def test_requests_batched_and_joining_mid_flight_get_the_captions_they_get_alone
     assert any(len(set(p.tolist())) > 1 for p in recording.positions)
     assert max(len(p) for p in recording.positions) > max(n * k for n, k, _ in FIRST + LATER)
 
+    assert scheduler.in_place == (in_place and host_view)
     for i, (pixels, k, length) in enumerate(requests):
         alone = model.decode_pixels(pixels, beam_size=k, max_length=length)
         batched, steps = results[i]
