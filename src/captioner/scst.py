@@ -210,14 +210,16 @@ def sampler(model, samples: int, max_length: int):
     return sample
 
 
-def sequence_log_probs(model, features, inputs, targets, training: bool = False):
+def sequence_log_probs(model, features, inputs, targets, training: bool = False, repeats: int = 1):
     """Teacher-forced log-probability of every target token under the decoders' masking rule
-    (dropout only when ``training``): ``[B, T]``, 0 at padding."""
+    (dropout only when ``training``): ``[B, T]``, 0 at padding. With ``repeats``, ``features``
+    holds one row per image and ``inputs``/``targets`` ``repeats`` adjacent rows per image: each
+    image is encoded once (with ``training``, one feature-dropout draw per image, not per row)."""
     import tensorflow as tf
 
     from captioner.model.decoding import NEG_INF, NEVER_GENERATED
 
-    logits = model.decode(model.encode(features, training=training), inputs, training=training)
+    logits = model.decode(model.encode(features, training=training), inputs, training=training, repeats=repeats)
     vocab = tf.shape(logits)[-1]
     never = tf.reduce_sum(tf.one_hot(list(NEVER_GENERATED), vocab, on_value=NEG_INF, off_value=0.0), axis=0)
     first = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)
@@ -321,7 +323,8 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
     def train_step(features, inputs, targets, advantages):
         def replica(features, inputs, targets, advantages):
             with tf.GradientTape() as tape:
-                log_probs = sequence_log_probs(model, features, inputs, targets, training=sc.dropout)
+                log_probs = sequence_log_probs(model, features, inputs, targets, training=sc.dropout,
+                                               repeats=sc.samples)
                 tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, PAD_ID), tf.float32))
                 # Mean over the batch's tokens, summed over replicas (each holds a slice).
                 loss = -tf.reduce_sum(log_probs * advantages[:, None]) / tokens / strategy.num_replicas_in_sync
@@ -347,8 +350,7 @@ def train_scst(model, cfg, train, dev, dev_refs: Mapping[str, Sequence[str]], tr
             rewards = reward_fn(index, drawn)
             advantages = self_critical_advantages(rewards).reshape(-1).astype(np.float32)
             inputs, targets = teacher_forcing_rows(drawn)
-            repeated = tf.repeat(features, sc.samples, axis=0)
-            loss = train_step(repeated, tf.constant(inputs), tf.constant(targets), tf.constant(advantages))
+            loss = train_step(features, tf.constant(inputs), tf.constant(targets), tf.constant(advantages))
             rewards_seen.append(rewards.mean())
             losses.append(float(loss))
             if progress and step % 50 == 0:

@@ -122,6 +122,39 @@ def test_gradient_pass_applies_dropout_only_when_asked(dropout):
         np.testing.assert_allclose(noisy, plain, rtol=1e-6)
 
 
+def test_update_encodes_each_image_once_with_the_same_log_probs_and_gradients():
+    """SCST's update projects an image's keys/values once for its k samples: the log-probabilities
+    and gradients equal those of the image repeated per row (what the update did before)."""
+    import tensorflow as tf
+
+    from captioner.config import ModelConfig
+    from captioner.model.captioner import build_model
+    from captioner.scst import sequence_log_probs
+
+    model = build_model(12, 4, 8, ModelConfig(d_model=16, num_layers=2, num_heads=2, ff_dim=32, encoder_layers=1))
+    features = tf.constant(np.random.default_rng(1).normal(size=(2, 4, 8)).astype(np.float32))
+    samples = np.array([[5, 6, END_ID], [7, END_ID, PAD_ID], [8, 9, 10],
+                        [11, END_ID, PAD_ID], [5, 5, END_ID], [9, 6, 7]], np.int32)  # 3 per image
+    inputs, targets = teacher_forcing_rows(samples)
+    weights = tf.constant(np.random.default_rng(2).normal(size=targets.shape).astype(np.float32))
+
+    def run(feats, repeats):
+        with tf.GradientTape() as tape:
+            log_probs = sequence_log_probs(model, feats, inputs, targets, repeats=repeats)
+            loss = tf.reduce_sum(log_probs * weights)
+        return log_probs.numpy(), tape.gradient(loss, model.trainable_variables)
+
+    per_row, grads_row = run(tf.repeat(features, 3, axis=0), 1)
+    per_image, grads_image = run(features, 3)
+    np.testing.assert_allclose(per_image, per_row, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_image, grads_row, strict=True):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
+                                   rtol=1e-4, atol=1e-6)
+    # A wrong row order (samples of one image not adjacent) would be caught: the rows differ.
+    swapped, _ = run(tf.repeat(features[::-1], 3, axis=0), 1)
+    assert not np.allclose(swapped, per_image)
+
+
 def test_updates_mirror_half_the_images_with_scst_mirror():
     from captioner.scst import update_features
     from captioner.train import CaptionPairs

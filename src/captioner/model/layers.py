@@ -103,11 +103,16 @@ class DecoderLayer(keras.layers.Layer):
         self.ff = FeedForward(d_model, ff_dim, dropout, name="ff")
         self.drop = keras.layers.Dropout(dropout)
 
-    def call(self, x, memory, self_mask, training=False):
-        """Whole sequence (teacher forcing): ``x [B,T,d]`` -> ``(x, cross attention [B,T,N])``."""
+    def call(self, x, memory, self_mask, training=False, cross=None):
+        """Whole sequence (teacher forcing): ``x [B,T,d]`` -> ``(x, cross attention [B,T,N])``.
+        ``cross``: the image's cross-attention ``(keys, values)`` ``[B,N,d]`` if already projected
+        (``memory`` is then not read)."""
         h = self.norm1(x)
         x = x + self.drop(self.self_attn(h, h, attn_mask=self_mask, training=training)[0], training=training)
-        h, attention = self.cross_attn(self.norm2(x), memory, training=training)
+        if cross is None:
+            h, attention = self.cross_attn(self.norm2(x), memory, training=training)
+        else:
+            h, attention = self.cross_attn.attend(self.norm2(x), *cross, training=training)
         x = x + self.drop(h, training=training)
         return x + self.ff(self.norm3(x), training=training), attention
 
