@@ -102,6 +102,11 @@ class TrainConfig:
     # Batch captions of similar length and cut each batch to its longest: the decoder skips padding.
     # Off by default (and for runs saved before it existed) until its effect on quality is measured.
     length_buckets: bool = False
+    # Batch whole images, all their captions, and encode each image once for them (the
+    # self-critical code bases' "captions per image"): the region projection and the cross-attention
+    # keys/values are about 40% of a step's arithmetic, and a region encoder (model.encoder_layers)
+    # more than doubles it when it runs once per caption.
+    group_by_image: bool = False
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,9 @@ def sequence_log_probs(model, features, inputs, targets, training: bool = False,
 
     from captioner.model.decoding import NEG_INF, NEVER_GENERATED
 
-    logits = model.decode(model.encode(features, training=training), inputs, training=training, repeats=repeats)
+    memory = model.encode(features, training=training)
+    rows = tf.repeat(tf.range(tf.shape(memory)[0]), repeats) if repeats > 1 else None
+    logits = model.decode(memory, inputs, training=training, memory_rows=rows)
     vocab = tf.shape(logits)[-1]
     never = tf.reduce_sum(tf.one_hot(list(NEVER_GENERATED), vocab, on_value=NEG_INF, off_value=0.0), axis=0)
     first = tf.one_hot(END_ID, vocab, on_value=NEG_INF, off_value=0.0)

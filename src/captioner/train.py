@@ -105,9 +105,45 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
     return batches
 
 
+def image_batches(image_index: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+                  buckets: bool = False) -> list[np.ndarray]:
+    """One epoch's batches grouped by image (``train.group_by_image``): every row once, all the rows
+    of an image in one batch and adjacent, about ``batch_size`` rows a batch (whole images: the
+    split's mean captions per image sets how many images a batch takes).
+
+    As ``epoch_batches`` for the order: ``rng`` None keeps the images' order; with ``buckets``,
+    images whose longest captions are of similar length share a batch (pools sorted by that length,
+    then the full batches shuffled, the partial one last).
+    """
+    if not len(image_index):
+        return []
+    by_image = np.argsort(image_index, kind="stable")
+    groups = np.split(by_image, np.flatnonzero(np.diff(image_index[by_image])) + 1)
+    count = len(groups)
+    per_batch = max(1, round(batch_size * count / len(image_index)))
+    order = rng.permutation(count) if rng is not None else np.arange(count)
+    if buckets:
+        longest = np.array([lengths[g].max() for g in groups])
+        pool = BUCKET_POOL_BATCHES * per_batch
+        order = np.concatenate([chunk[np.argsort(longest[chunk], kind="stable")]
+                                for chunk in np.split(order, range(pool, count, pool))])
+    batches = [np.concatenate([groups[i] for i in order[start:start + per_batch]])
+               for start in range(0, count, per_batch)]
+    if buckets and rng is not None:
+        full = count // per_batch
+        batches[:full] = [batches[i] for i in rng.permutation(full)]
+    return batches
+
+
 def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed: int, first_epoch: int = 0,
-                   length_buckets: bool = False):
+                   length_buckets: bool = False, group_by_image: bool = False):
     """``tf.data`` of ``((features, input tokens), target tokens, target weights)`` batches.
+
+    With ``group_by_image`` the inputs are ``(features, input tokens, image ids)``: a batch holds
+    whole images (``image_batches``), all their captions, and the model encodes each image once
+    for its captions (``CaptionModel.call``), as the self-critical code bases batch captions. The
+    features stay one row per caption, so that any split of a batch (a distribution strategy's
+    replicas) keeps each row's features and id together.
 
     Batches are gathered in NumPy from in-memory features (a generator the prefetch thread runs
     ahead of the model); each epoch's order is a function of (seed, epoch), so a resumed run sees
@@ -127,11 +163,18 @@ def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed:
     def generate():
         rng = np.random.default_rng([seed, epoch[0]])
         epoch[0] += 1
-        for rows in epoch_batches(lengths, batch_size, rng if shuffle else None, length_buckets and shuffle):
+        order = rng if shuffle else None
+        batches = (image_batches(pairs.image_index, lengths, batch_size, order, length_buckets and shuffle)
+                   if group_by_image else epoch_batches(lengths, batch_size, order, length_buckets and shuffle))
+        for rows in batches:
             images = pairs.image_index[rows]
             features = pairs.features[images]
             if pairs.flipped is not None and shuffle:
-                mirror = rng.random(len(rows)) < 0.5
+                # One draw per image when grouped: an image's captions see the same view.
+                if group_by_image:
+                    mirror = (rng.random(len(pairs.images)) < 0.5)[images]
+                else:
+                    mirror = rng.random(len(rows)) < 0.5
                 features = np.where(mirror[:, None, None], pairs.flipped[images], features)
             # At least 2 tokens so that the decoder has one position even for empty captions.
             keep = max(int(lengths[rows].max()), 2) if length_buckets else full_length
@@ -144,14 +187,19 @@ def input_pipeline(pairs: CaptionPairs, batch_size: int, *, shuffle: bool, seed:
                 # token weighs the same in a batch of short captions as in one of long captions (a
                 # mean over each batch's own tokens would weigh a short caption's tokens more).
                 weights *= target.shape[1] / mean_tokens
-            yield (features, tokens[:, :-1]), target, weights
+            if group_by_image:
+                yield (features, tokens[:, :-1], images), target, weights
+            else:
+                yield (features, tokens[:, :-1]), target, weights
 
     # A variable length: Keras' fit traces its step once for the [None, None] spec (no retracing
     # per batch length without XLA, as on CPU; with XLA, e.g. jit_compile on a GPU, each batch length
     # compiles once, at most tokenizer.max_length times), so shorter batches cost fewer positions.
     length = None if length_buckets else full_length - 1
-    spec = ((tf.TensorSpec([None, regions, dim], tf.float16), tf.TensorSpec([None, length], tf.int32)),
-            tf.TensorSpec([None, length], tf.int32), tf.TensorSpec([None, length], tf.float32))
+    inputs = (tf.TensorSpec([None, regions, dim], tf.float16), tf.TensorSpec([None, length], tf.int32))
+    if group_by_image:
+        inputs += (tf.TensorSpec([None], tf.int32),)
+    spec = (inputs, tf.TensorSpec([None, length], tf.int32), tf.TensorSpec([None, length], tf.float32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -643,7 +691,8 @@ def _train(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: Fe
     history = tracker.history()
     # train.batch_size is the global batch: the strategy splits each batch between its replicas.
     train_ds = input_pipeline(train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                              first_epoch=len(history), length_buckets=cfg.train.length_buckets)
+                              first_epoch=len(history), length_buckets=cfg.train.length_buckets,
+                              group_by_image=cfg.train.group_by_image)
     dev_ds = input_pipeline(dev, 256, shuffle=False, seed=0, length_buckets=cfg.train.length_buckets)
     callbacks = _callbacks(cfg, model_dir, tracker, dev, dataset.split_captions("dev"), tokenizer, progress,
                            resume_dir)

@@ -147,3 +147,65 @@ def test_bucketed_loss_weighs_every_token_alike_whatever_its_batch():
     assert long[3].astype(bool).sum() > 1.5 * short[3].astype(bool).sum()
     plain = [loss(b, "mean_with_sample_weight", (b[2] != PAD_ID).astype(np.float32)) for b in (short, long)]
     assert plain[0] == pytest.approx(plain[1]) == pytest.approx(np.log(vocab))
+
+
+@pytest.mark.parametrize("buckets", [True, False])
+def test_grouped_batches_hold_whole_images_once_each(buckets):
+    """``train.group_by_image``: every pair once; an image's pairs adjacent in one batch, with its
+    id and its own (possibly mirrored, the same way for all its captions) features; about BATCH
+    rows a batch; the order a function of (seed, epoch)."""
+    pairs = make_pairs(flipped=True)
+    lengths = (pairs.tokens != PAD_ID).sum(1)
+    dataset = input_pipeline(pairs, BATCH, shuffle=True, seed=3, length_buckets=buckets, group_by_image=True)
+    batches = [(f, x, i, y, w) for (f, x, i), y, w in dataset.as_numpy_iterator()]
+    seen = np.concatenate([b[1][:, 1] - 10 for b in batches])
+    assert sorted(seen.tolist()) == list(range(COUNT))
+    images_seen = []
+    for features, inputs, ids, _, _ in batches:
+        rows = inputs[:, 1] - 10
+        np.testing.assert_array_equal(ids, pairs.image_index[rows])
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        assert len(starts) == len(set(ids.tolist()))  # adjacent
+        images_seen += ids[starts].tolist()
+        assert np.abs(features[:, 0, 0]).tolist() == ids.astype(np.float16).tolist()
+        for image in set(ids.tolist()):
+            assert len(set(features[ids == image, 0, 0].tolist())) == 1  # one view per image
+        if buckets:
+            assert inputs.shape[1] == lengths[rows].max() - 1
+    assert sorted(images_seen) == sorted(set(pairs.image_index.tolist()))  # each image in one batch
+    mean_rows = COUNT / len(images_seen)
+    assert abs(np.mean([len(b[1]) for b in batches[:-1]]) - BATCH) <= mean_rows
+    again = [(f, x, i) for (f, x, i), _, _ in input_pipeline(
+        pairs, BATCH, shuffle=True, seed=3, length_buckets=buckets, group_by_image=True).as_numpy_iterator()]
+    for first, second in zip([b[:3] for b in batches], again, strict=True):
+        for a, b in zip(first, second, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_model_encodes_grouped_images_once_with_the_same_outputs_and_gradients():
+    """``CaptionModel.call`` with image ids: logits and gradients equal the per-caption pass."""
+    import tensorflow as tf
+
+    from captioner.config import ModelConfig
+    from captioner.model.captioner import build_model
+
+    model = build_model(30, 4, 8, ModelConfig(d_model=16, num_layers=2, num_heads=2, ff_dim=32, encoder_layers=1))
+    rng = np.random.default_rng(0)
+    image_features = rng.normal(size=(3, 4, 8)).astype(np.float32)
+    ids = np.array([2, 2, 0, 0, 0, 1], np.int32)
+    features = tf.constant(image_features[ids])
+    tokens = tf.constant(rng.integers(3, 30, size=(6, 5)).astype(np.int32))
+    weights = tf.constant(rng.normal(size=(6, 5, 30)).astype(np.float32))
+
+    def run(inputs):
+        with tf.GradientTape() as tape:
+            logits = model(inputs)
+            loss = tf.reduce_sum(logits * weights)
+        return logits.numpy(), [tf.convert_to_tensor(g).numpy()
+                                for g in tape.gradient(loss, model.trainable_variables)]
+
+    plain, plain_grads = run((features, tokens))
+    grouped, grouped_grads = run((features, tokens, tf.constant(ids)))
+    np.testing.assert_allclose(grouped, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grouped_grads, plain_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -72,28 +72,38 @@ class CaptionModel(keras.Model):
             logits = self.output_layer(x)
         return tf.cast(logits, tf.float32) + tf.cast(self.output_bias, tf.float32)
 
-    def decode(self, memory, tokens, training=False, return_attention=False, repeats: int = 1):
+    def decode(self, memory, tokens, training=False, return_attention=False, memory_rows=None):
         """Teacher forcing: ``tokens [B, T]`` -> logits ``[B, T, V]`` (and attention ``[B, T, N]``).
 
-        With ``repeats`` > 1, ``memory`` holds one row per image and ``tokens`` ``repeats`` adjacent
-        rows per image (SCST's samples): every layer projects an image's cross-attention keys/values
-        once and repeats them, instead of once per caption, the same values at a fraction of the
-        cost (the projections are about half of an SCST update's arithmetic)."""
+        ``memory_rows [B]``: when several captions share an image (SCST's samples, cross-entropy
+        batches grouped by image), ``memory`` holds one row per image and ``memory_rows`` names
+        each caption's row. Every layer then projects an image's cross-attention keys/values once
+        and gathers them, instead of once per caption: the same values for less arithmetic (the
+        projections are about half of an SCST update's)."""
         length = tf.shape(tokens)[1]
         causal = tf.linalg.band_part(tf.ones([length, length]), -1, 0)[None, None]
         x = self.embed_drop(self._embed(tokens), training=training)
         attention = None
         for layer in self.decoders:
             cross = None
-            if repeats > 1:
-                cross = tuple(tf.repeat(t, repeats, axis=0) for t in layer.cross_attn.project_kv(memory))
+            if memory_rows is not None:
+                cross = tuple(tf.gather(t, memory_rows) for t in layer.cross_attn.project_kv(memory))
             x, attention = layer(x, memory, causal, training=training, cross=cross)
         logits = self._logits(x)
         return (logits, attention) if return_attention else logits
 
     def call(self, inputs, training=False):
-        features, tokens = inputs
-        return self.decode(self.encode(features, training=training), tokens, training=training)
+        """``(features [B, N, C], tokens [B, T])``, or with a third element ``image_ids [B]`` (rows of
+        one image carry the same id and the same features): each image is then encoded once."""
+        if len(inputs) == 2:
+            features, tokens = inputs
+            return self.decode(self.encode(features, training=training), tokens, training=training)
+        features, tokens, image_ids = inputs
+        _, rows = tf.unique(tf.reshape(image_ids, [-1]))
+        count = tf.reduce_max(rows) + 1
+        first = tf.math.unsorted_segment_min(tf.range(tf.shape(rows)[0]), rows, count)
+        memory = self.encode(tf.gather(features, first), training=training)
+        return self.decode(memory, tokens, training=training, memory_rows=rows)
 
     # -- one decoding step ----------------------------------------------------------------------
     def cross_memory(self, memory):
