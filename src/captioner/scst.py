@@ -189,8 +189,8 @@ def sampler(model, samples: int, max_length: int):
     @tf.function(reduce_retracing=True)
     def sample(features, seed):
         memory = model.encode(features, training=False)
-        cross = tile_beams(model.cross_memory(memory), samples)
-        rows = tf.shape(cross)[0]
+        cross = model.split_cross(tile_beams(model.cross_memory(memory), samples))  # [2L, rows, ...]
+        rows = tf.shape(cross)[1]
         state = model.initial_state(rows, max_length)
         last = tf.fill([rows], START_ID)
         done = tf.zeros([rows], tf.bool)

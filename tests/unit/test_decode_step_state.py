@@ -87,6 +87,18 @@ def test_step_is_bit_identical_to_the_full_cache_formulation(graph):
     np.testing.assert_array_equal(changed, expected)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+def test_step_takes_the_keys_values_split_once_with_identical_outputs(graph):
+    """Decoding loops (library decoding, SCST's sampler) split the image's keys/values into heads
+    once (``split_cross``) instead of at every step: the step's outputs are bit-identical."""
+    model = _model()
+    cross, tokens, state, position = _inputs(model, tf.float32)
+    step = tf.function(model.step) if graph else model.step
+    split = model.split_cross(cross)
+    assert split.shape.rank == 5 and split.shape[0] == 2 * model.num_layers
+    _assert_identical(step(split, tokens, state, position), step(cross, tokens, state, position))
+
+
 def test_step_with_one_position_for_all_rows_is_bit_identical():
     model = _model()
     cross, tokens, state, _ = _inputs(model, tf.float32)

@@ -440,11 +440,14 @@ def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: fl
     batch = tf.shape(memory)[0]
     regions = memory.shape[1]
     cross = model.cross_memory(memory)
+    # Split into heads once for all steps where the model can (CaptionModel.split_cross).
+    split = getattr(model, "split_cross", lambda c: c)
     if beam_size == 1:
+        cross = split(cross)
         out = greedy_search(lambda tok, st, t: model.step(cross, tok, st, t), model.initial_state(batch, max_length),
                             batch, max_length, regions, length_penalty)
         return {k: v[:, None] for k, v in out.items()}
-    tiled = tile_beams(cross, beam_size)
+    tiled = split(tile_beams(cross, beam_size))
     return beam_search(lambda tok, st, t: model.step(tiled, tok, st, t),
                        model.initial_state(batch * beam_size, max_length), batch, beam_size, max_length, regions,
                        length_penalty)
