@@ -135,7 +135,7 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
     from captioner.features.extract import FeatureStore
     from captioner.fingerprint import check_unchanged
     from captioner.tracking import ExperimentTracker
-    from captioner.workflow import fit_and_tune, load_data
+    from captioner.workflow import fit_and_tune, load_data, training_history
 
     cfg = load_step_config(config, [*overrides, *([f"train.distribute={distribute}"] if distribute else [])])
     dataset = load_data(cfg)
@@ -147,19 +147,22 @@ def train(config: str, overrides: list, fingerprint: str, vocab: Input[Dataset],
                                 tracker, progress=False)
     backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
     export_saved_model(backbone, trained, out, out / "saved_model", cfg)
-    rows = tracker.history()
-    xe = [row for row in rows if row.get("phase") != "scst"]
-    scst = [row for row in rows if row.get("phase") == "scst"]
-    # SCST's loss is a reward-weighted likelihood: the losses shown are cross-entropy's.
-    for key, phase_rows in (("train_loss", xe), ("val_loss", xe), ("dev_bleu4", rows), ("dev_cider", rows),
-                            ("train_reward", scst)):
-        # A row may lack a value (a metric not measured that epoch, a column added later): the last one measured.
-        measured = [row[key] for row in phase_rows if isinstance(row.get(key), int | float)]
-        if measured:
-            metrics.log_metric(f"final_{key}", float(measured[-1]))
-    metrics.log_metric("epochs", len(xe))
-    if scst:
-        metrics.log_metric("scst_epochs", len(scst))
+    history = training_history(out)
+    # An ensemble's members each have their curves: their metrics are named member0_final_dev_cider, ...
+    for prefix, rows in ({"": history} if isinstance(history, list) else
+                         {f"member{name.split()[-1]}_": rows for name, rows in history.items()}).items():
+        xe = [row for row in rows if row.get("phase") != "scst"]
+        scst = [row for row in rows if row.get("phase") == "scst"]
+        # SCST's loss is a reward-weighted likelihood: the losses shown are cross-entropy's.
+        for key, phase_rows in (("train_loss", xe), ("val_loss", xe), ("dev_bleu4", rows), ("dev_cider", rows),
+                                ("train_reward", scst)):
+            # A row may lack a value (a metric not measured that epoch, a column added later): the last measured.
+            measured = [row[key] for row in phase_rows if isinstance(row.get(key), int | float)]
+            if measured:
+                metrics.log_metric(f"{prefix}final_{key}", float(measured[-1]))
+        metrics.log_metric(f"{prefix}epochs", len(xe))
+        if scst:
+            metrics.log_metric(f"{prefix}scst_epochs", len(scst))
     # The metrics file must exist: kfp.local treats a cached output whose file is gone as a miss.
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2))

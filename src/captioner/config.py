@@ -164,6 +164,23 @@ class ExportConfig:
     max_decode_length: int = 40
 
 
+# The sections an ensemble member may change: how its decoder is built and trained. The data, the
+# vocabulary, the image features, decoding and export are the run's, shared by every member.
+MEMBER_SECTIONS = ("model", "train", "scst")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Train several decoders in turn, then decode them as one model (``captioner.model.ensemble``:
+    the members' next-word distributions combined at every step; one SavedModel). Each member is a
+    mapping of overrides of the run's ``model``, ``train`` and ``scst`` sections (``{}``: the run's
+    own settings; a member that does not set ``train.seed`` gets the run's seed + its index). No
+    members: one model."""
+
+    members: list = field(default_factory=list)
+    combine: Literal["prob", "log_prob"] = "log_prob"
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "custom"
@@ -176,6 +193,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,7 +236,49 @@ class Config:
         for ok, name, message in checks:
             if not ok:
                 raise ConfigError(f"{name} {message}", field=name)
+        self._validate_ensemble()
         return self
+
+    def _validate_ensemble(self) -> None:
+        members = self.ensemble.members
+        if not isinstance(members, list) or len(members) == 1:
+            raise ConfigError("ensemble.members must be a list of two or more members (mappings of model/train/"
+                              "scst overrides, {} for the run's own settings), or empty for one model",
+                              field="ensemble.members")
+        if members and self.train.distribute == "multi_worker":
+            raise ConfigError("ensemble.members cannot be trained with train.distribute=multi_worker yet: train "
+                              "the members as separate runs and combine them with `captioner ensemble`",
+                              field="ensemble.members")
+        d_models = set()
+        for i in range(len(members)):
+            d_models.add(member_config(self, i).model.d_model)
+        if len(d_models) > 1:
+            raise ConfigError(f"ensemble members need one model.d_model (the packed decoding state), got "
+                              f"{sorted(d_models)}", field="ensemble.members")
+
+
+def member_config(cfg: Config, index: int) -> Config:
+    """The config ensemble member ``index`` of ``cfg`` trains with: the run's, with the member's
+    overrides, no ensemble of its own, and (unless the member sets one) the run's seed + ``index``."""
+    overrides = cfg.ensemble.members[index]
+    label = f"ensemble.members[{index}]"
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{label} must be a mapping of model/train/scst overrides, got {overrides!r}", field=label)
+    for key, value in overrides.items():
+        if key not in MEMBER_SECTIONS:
+            raise ConfigError(f"{label}.{key}: a member may change only {', '.join(MEMBER_SECTIONS)} (the data, "
+                              f"features, vocabulary, decoding and export are the run's)", field=f"{label}.{key}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}.{key} must be a mapping, got {value!r}", field=f"{label}.{key}")
+    data = _merge(cfg.to_dict(), overrides)
+    data["ensemble"] = {"members": [], "combine": cfg.ensemble.combine}
+    if "seed" not in overrides.get("train", {}):
+        data["train"]["seed"] = cfg.train.seed + index
+    try:
+        return _build(Config, data, "").validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}", field=f"{label}.{exc.field}" if getattr(exc, "field", None)
+                          else label) from None
 
 
 def _validate(obj: Any, prefix: str) -> None:

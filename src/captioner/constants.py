@@ -50,6 +50,8 @@ EVALUATION_JSON = "evaluation.json"
 SAMPLES_JSON = "samples.json"
 SAVED_MODEL_DIR = "saved_model"
 CHECKPOINT_DIR = "checkpoints"
+# A run with ensemble.members trains member i into <run>/members/member-<i>, a run folder of its own.
+MEMBERS_DIR = "members"
 LOG_DIR = "logs"
 METADATA_JSON = "metadata.json"
 WARMUP_FILE = "tf_serving_warmup_requests"

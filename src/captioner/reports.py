@@ -109,7 +109,15 @@ def training_curves_html(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def evaluation_html(report: dict[str, Any], history: Sequence[dict[str, Any]], image_paths: dict[str, Path],
+def history_html(history: Sequence[dict[str, Any]] | dict[str, Sequence[dict[str, Any]]]) -> str:
+    """One run's curves, or an ensemble's: each member's under its name."""
+    if isinstance(history, dict):
+        return "".join(f"<h3>{html.escape(name)}</h3>{training_curves_html(rows)}" for name, rows in history.items())
+    return training_curves_html(history)
+
+
+def evaluation_html(report: dict[str, Any], history: Sequence[dict[str, Any]] | dict[str, Sequence[dict[str, Any]]],
+                    image_paths: dict[str, Path],
                     image_size: int, attention_example: dict[str, Any] | None = None,
                     title: str = "Captioner evaluation") -> str:
     esc = html.escape
@@ -143,7 +151,7 @@ padding:4px 10px;text-align:right}}.sample{{display:flex;gap:12px;margin:10px 0;
 (tokenizer: {esc(str(report.get('tokenizer')))}); beam size {report['beam'].get('beam_size')},
 length penalty {report['beam'].get('length_penalty')}.</p>
 <table><tr><th></th><th>beam</th><th>greedy</th></tr>{metric_rows}</table>
-<h2>Training curves</h2>{training_curves_html(history)}
+<h2>Training curves</h2>{history_html(history)}
 {attention}
 <h2>Samples</h2>{''.join(samples)}
 </body></html>"""

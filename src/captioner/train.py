@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from captioner.config import Config, ModelConfig, config_from_dict
-from captioner.constants import CHECKPOINT_DIR, METRICS_CSV, PAD_ID
+from captioner.constants import CHECKPOINT_DIR, MEMBERS_DIR, METRICS_CSV, PAD_ID
 from captioner.data.readers import CaptionDataset
 from captioner.data.tokenizer import Tokenizer
 from captioner.errors import ConfigError, ModelError
@@ -414,12 +414,9 @@ def is_ensemble_folder(folder: Path) -> bool:
         return False
 
 
-def save_ensemble(sources: list[Path], output: Path | str, combine: str = "prob") -> Path:
-    """Write an ensemble folder from trained models or checkpoints (``_member_source``): the members'
-    weights, the shared vocabulary, and a ``model.json`` that ``load_trained`` reads back as an
-    ``EnsembleModel``. The first member's config (decoding settings included) becomes the ensemble's.
-    ``output`` must be new, empty or an ensemble folder written before."""
-    from captioner.io_utils import atomic_directory
+def _ensemble_members(sources: list[Path], combine: str, relative_to: Path | None = None):
+    """Check that ``sources`` can decode as one model: ``(first folder, its spec, members' entries
+    for model.json, [(folder, weights file)])``."""
     from captioner.model.ensemble import COMBINE_RULES
 
     if combine not in COMBINE_RULES:
@@ -442,7 +439,19 @@ def save_ensemble(sources: list[Path], output: Path | str, combine: str = "prob"
             raise ModelError(f"member {i} reads other image features ({spec.num_regions} regions x "
                              f"{spec.feature_dim}) than member 0 ({first.num_regions} x {first.feature_dim})",
                              path=str(folder))
-        members.append({"model": spec.model, "weights": f"member-{i}.weights.h5", "source": str(weights.resolve())})
+        source = weights.resolve() if relative_to is None else weights.resolve().relative_to(relative_to.resolve())
+        members.append({"model": spec.model, "weights": f"member-{i}.weights.h5", "source": str(source)})
+    return first_folder, first, members, resolved
+
+
+def save_ensemble(sources: list[Path], output: Path | str, combine: str = "prob") -> Path:
+    """Write an ensemble folder from trained models or checkpoints (``_member_source``): the members'
+    weights, the shared vocabulary, and a ``model.json`` that ``load_trained`` reads back as an
+    ``EnsembleModel``. The first member's config (decoding settings included) becomes the ensemble's.
+    ``output`` must be new, empty or an ensemble folder written before."""
+    from captioner.io_utils import atomic_directory
+
+    first_folder, first, members, resolved = _ensemble_members(sources, combine)
     with atomic_directory(output, is_ensemble_folder) as tmp:
         for member, (_, weights) in zip(members, resolved, strict=True):
             shutil.copyfile(weights, tmp / member["weights"])
@@ -451,6 +460,50 @@ def save_ensemble(sources: list[Path], output: Path | str, combine: str = "prob"
                          ensemble={"combine": combine, "members": members})
         atomic_write_json(tmp / MODEL_JSON, asdict(spec))
     return Path(output)
+
+
+def member_folder(model_dir: Path, index: int) -> Path:
+    return Path(model_dir) / MEMBERS_DIR / f"member-{index}"
+
+
+def train_ensemble(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: FeatureStore,
+                   model_dir: Path | str, tracker: ExperimentTracker, progress: bool = True):
+    """Train ``cfg.ensemble.members`` in turn (each into ``member_folder``; a member that finished
+    before is not trained again), then make ``model_dir`` the ensemble of them: the members'
+    weights and a ``model.json`` that ``load_trained`` reads as one model. Returns ``(model, spec)``."""
+    from captioner.config import member_config
+
+    model_dir = Path(model_dir)
+    count = len(cfg.ensemble.members)
+    folders, summaries = [], []
+    for index in range(count):
+        member_cfg = member_config(cfg, index)
+        folder = member_folder(model_dir, index)
+        member_tracker = ExperimentTracker(folder, seed=member_cfg.train.seed)
+        member_tracker.log_config(member_cfg)
+        if progress:
+            print(f"ensemble member {index + 1}/{count} ({json.dumps(cfg.ensemble.members[index])}): {folder}",
+                  flush=True)
+        with tracker.time(f"member_{index}"):
+            train_model(member_cfg, dataset, tokenizer, store, folder, member_tracker, progress)
+        member_tracker.finalize()
+        summaries.append({"folder": str(folder.relative_to(model_dir)), "overrides": cfg.ensemble.members[index],
+                          "seed": member_cfg.train.seed,
+                          **{k: member_tracker.extra[k] for k in ("selected_epoch", "xe_selected_epoch", "scst")
+                             if k in member_tracker.extra}})
+        folders.append(folder)
+    first_folder, first, members, resolved = _ensemble_members(folders, cfg.ensemble.combine, relative_to=model_dir)
+    for member, (_, weights) in zip(members, resolved, strict=True):
+        tmp = model_dir / f".tmp-{os.getpid()}.weights.h5"
+        shutil.copyfile(weights, tmp)
+        os.replace(tmp, model_dir / member["weights"])
+    tokenizer.save(model_dir)
+    spec = ModelSpec(first.vocab_size, first.num_regions, first.feature_dim, first.model, cfg.to_dict(),
+                     ensemble={"combine": cfg.ensemble.combine, "members": members})
+    atomic_write_json(model_dir / MODEL_JSON, asdict(spec))  # last: the folder is an ensemble from here
+    tracker.extra["ensemble"] = {"combine": cfg.ensemble.combine, "members": summaries}
+    model, _, spec = load_trained(model_dir)
+    return model, spec
 
 
 @contextlib.contextmanager

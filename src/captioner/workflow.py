@@ -172,11 +172,14 @@ def fit_and_tune(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, sto
     Returns ``(model, cfg)`` where ``cfg`` carries the chosen decoding settings; they are also saved
     in the model folder's ``model.json`` so that evaluation and export use them.
     """
-    from captioner.train import MODEL_JSON, train_model, worker_role
+    from captioner.train import MODEL_JSON, train_ensemble, train_model, worker_role
 
     tracker = tracker or ExperimentTracker(model_dir, seed=cfg.train.seed)
     with tracker.time("train"):
-        model, _ = train_model(cfg, dataset, tokenizer, store, model_dir, tracker, progress)
+        if cfg.ensemble.members:
+            model, _ = train_ensemble(cfg, dataset, tokenizer, store, model_dir, tracker, progress)
+        else:
+            model, _ = train_model(cfg, dataset, tokenizer, store, model_dir, tracker, progress)
     if not worker_role(cfg.train.distribute).chief:
         return model, cfg  # the chief tunes decoding and writes model.json; this worker's part is done
     if cfg.decode.tune_length_penalty:
@@ -262,6 +265,17 @@ def remove_run_files(output: Path) -> None:
         (output / name).unlink(missing_ok=True)
     for leftover in output.glob(".tmp-*.weights.h5"):  # save_trained's temporary name
         leftover.unlink()
+    for weights in output.glob("member-*.weights.h5"):  # an ensemble run's copies of its members' weights
+        if re.fullmatch(r"member-\d+\.weights\.h5", weights.name):
+            weights.unlink()
+    members = output / C.MEMBERS_DIR
+    for member in sorted(members.glob("member-*")) if members.is_dir() else ():
+        if re.fullmatch(r"member-\d+", member.name) and is_run_folder(member):
+            remove_run_files(member)
+            with contextlib.suppress(OSError):  # left in place when a user's file is inside
+                member.rmdir()
+    with contextlib.suppress(OSError):
+        members.rmdir()
     if is_captioner_export(output / C.SAVED_MODEL_DIR):
         shutil.rmtree(output / C.SAVED_MODEL_DIR)
     checkpoints = output / C.CHECKPOINT_DIR
@@ -282,6 +296,17 @@ def remove_run_files(output: Path) -> None:
     for folder in (*sorted((p for p in logs.rglob("*") if p.is_dir()), reverse=True), logs, checkpoints):
         with contextlib.suppress(OSError):  # left in place when a user's file is inside
             folder.rmdir()
+
+
+def training_history(model_dir: Path | str) -> list[dict[str, Any]] | dict[str, list[dict[str, Any]]]:
+    """The rows of ``metrics.csv``: the run's, or for a run that trained an ensemble, each member's
+    (``{"member 0": rows, ...}``)."""
+    model_dir = Path(model_dir)
+    members = sorted((p for p in (model_dir / C.MEMBERS_DIR).glob("member-*") if re.fullmatch(r"member-\d+", p.name)),
+                     key=lambda p: int(p.name.split("-")[1])) if (model_dir / C.MEMBERS_DIR).is_dir() else []
+    if members and not (model_dir / C.METRICS_CSV).is_file():
+        return {f"member {p.name.split('-')[1]}": ExperimentTracker(p).history() for p in members}
+    return ExperimentTracker(model_dir).history()
 
 
 def _check_fresh(output: Path, cfg: Config, restart: bool = False) -> dict[str, Any] | None:
@@ -542,7 +567,7 @@ def evaluate_and_gate(cfg: Config, model_dir: Path | str, store: FeatureStore, *
         test = dataset.splits[report["split"]]
         paths = {image: dataset.image_path(image) for image in test[: cfg.eval.num_samples]}
         example = attention_example(model, tokenizer, store, test[0], dataset.image_path(test[0]), cfg)
-        history = ExperimentTracker(model_dir).history()
+        history = training_history(model_dir)
         Path(report_html).parent.mkdir(parents=True, exist_ok=True)
         Path(report_html).write_text(evaluation_html(report, history, paths, cfg.features.image_size, example),
                                      encoding="utf-8")

@@ -125,3 +125,63 @@ def test_members_must_share_the_vocabulary_and_a_users_folder_is_not_replaced(sm
     stray.write_bytes(b"")
     with pytest.raises(CaptionerError, match="weights file outside"):
         save_ensemble([stray], tmp_path / "none")
+
+
+def test_train_step_trains_the_members_and_ships_them_as_one_model(tmp_path):
+    """``ensemble.members`` in the config: ``captioner train`` trains each member (its own run
+    folder, cross-entropy then SCST), tunes, evaluates and exports the ensemble as one SavedModel
+    whose captions are the library's, and draws every member's curves in the report; run again,
+    it trains nothing twice; --restart's cleanup removes what it wrote and nothing else."""
+    from captioner.predictor import SavedModelCaptioner, results_from_decode
+    from captioner.reports import evaluation_html
+    from captioner.workflow import remove_run_files, training_history
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "smoke", "--set", "train.epochs=2", "--set", "scst.epochs=1",
+            "--set", "ensemble.members=[{}, {model: {encoder_layers: 1}, train: {group_by_image: true}}]",
+            "--output", str(out), "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    model, tokenizer, spec = load_trained(out)
+    assert spec.ensemble["combine"] == "log_prob" and [m.cfg.encoder_layers for m in model.members] == [0, 1]
+    summary = json.loads((out / C.RUN_SUMMARY).read_text())
+    members = summary["ensemble"]["members"]
+    assert [m["folder"] for m in members] == ["members/member-0", "members/member-1"]
+    assert [m["seed"] for m in members] == [42, 43]  # the run's seed + index: two members never coincide
+    assert {"member_0", "member_1", "evaluate", "export"} <= set(summary["timings_seconds"])
+    history = training_history(out)
+    assert list(history) == ["member 0", "member 1"]
+    assert [[r["phase"] for r in rows] for rows in history.values()] == [["xe", "xe", "scst"]] * 2
+    page = evaluation_html(json.loads((out / C.EVALUATION_JSON).read_text()), history, {}, 64)
+    assert page.count("<svg") >= 6 and "member 1" in page
+
+    cfg = spec.full_config  # the tuned length penalty included
+    paths, features = _features(cfg, 4)
+    library = decode(model, model.encode(features), beam_size=cfg.decode.beam_size,
+                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty)
+    expected = [r.caption for r in results_from_decode(library, tokenizer.tokens)]
+    runner = SavedModelCaptioner(out / C.SAVED_MODEL_DIR)
+    served = runner.loaded.signatures[C.SIG_SERVING](image_bytes=tf.constant([p.read_bytes() for p in paths]))
+    assert [c.decode() for c in served[C.OUT_CAPTIONS].numpy()] == expected
+
+    # Interrupted after its members finished (before the ensemble was written): resumed, it trains
+    # neither member again.
+    # (Each member's model.weights.h5 is written again from its selected checkpoint; the checkpoints
+    # and the metrics show whether anything trained.)
+    trained = {p: p.stat().st_mtime_ns for p in (out / "members").glob("*/checkpoints/**/*")
+               if p.name.endswith(".weights.h5") or p.name.startswith("ckpt-")}
+    assert len(trained) >= 4
+    for name in (C.RUN_SUMMARY, "model.json", "member-0.weights.h5", "member-1.weights.h5"):
+        (out / name).unlink()
+    shutil.rmtree(out / C.SAVED_MODEL_DIR)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # no member trained again
+    assert [len(rows) for rows in training_history(out).values()] == [3, 3]
+    assert load_trained(out)[2].ensemble["combine"] == "log_prob" and (out / C.SAVED_MODEL_DIR).is_dir()
+
+    # What --restart removes: the members' run files and folders, not a user's file among them.
+    (out / "members" / "notes.txt").write_text("mine")
+    remove_run_files(out)
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["notes.txt"]
+    assert not list(out.glob("member-*.weights.h5")) and not (out / "model.json").exists()

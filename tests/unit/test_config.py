@@ -57,3 +57,29 @@ def test_bad_yaml_names_the_line(tmp_path):
     path.write_text("train:\n  epochs: [1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml, line \d+"):
         load_config(str(path))
+
+
+def test_ensemble_members_get_their_overrides_and_distinct_seeds():
+    from captioner.config import member_config
+
+    cfg = load_config("smoke", ["ensemble.members=[{}, {model: {encoder_layers: 1}}, {train: {seed: 7}}]"])
+    members = [member_config(cfg, i) for i in range(3)]
+    assert [m.model.encoder_layers for m in members] == [0, 1, 0]
+    assert [m.train.seed for m in members] == [cfg.train.seed, cfg.train.seed + 1, 7]
+    assert all(m.ensemble.members == [] for m in members)
+    assert members[1].data == cfg.data and members[1].decode == cfg.decode
+    assert load_config("smoke").ensemble.members == []
+
+
+@pytest.mark.parametrize(("members", "extra", "field", "words"), [
+    ("[{}]", [], "ensemble.members", "two or more"),
+    ("[{}, {decode: {beam_size: 3}}]", [], "ensemble.members[1].decode", "only model, train, scst"),
+    ("[{}, {model: {dropout: 2}}]", [], "ensemble.members[1].model.dropout", "must be in [0, 1)"),
+    ("[{}, {model: {d_model: 32}}]", [], "ensemble.members", "one model.d_model"),
+    ("[{}, {}]", ["train.distribute=multi_worker"], "ensemble.members", "multi_worker"),
+    ("[{}, 3]", [], "ensemble.members[1]", "must be a mapping"),
+])
+def test_bad_ensemble_members_name_the_member(members, extra, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [f"ensemble.members={members}", *extra])
+    assert err.value.field == field and words in str(err.value)
