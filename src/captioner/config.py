@@ -103,9 +103,9 @@ class TrainConfig:
     # Off by default (and for runs saved before it existed) until its effect on quality is measured.
     length_buckets: bool = False
     # Batch whole images, all their captions, and encode each image once for them (the
-    # self-critical code bases' "captions per image"): the region projection and the cross-attention
-    # keys/values are about 40% of a step's arithmetic, and a region encoder (model.encoder_layers)
-    # more than doubles it when it runs once per caption.
+    # self-critical code bases' "captions per image"). It pays with a region encoder
+    # (model.encoder_layers: a Flickr8k epoch 169 -> 115 s); the default decoder's grouped batches
+    # carry more padding, which eats its saving (BENCHMARKS.md).
     group_by_image: bool = False
 
 
