@@ -104,7 +104,7 @@ class TrainConfig:
     length_buckets: bool = False
     # Batch whole images, all their captions, and encode each image once for them (the
     # self-critical code bases' "captions per image"). It pays with a region encoder
-    # (model.encoder_layers: a Flickr8k epoch 169 -> 115 s); the default decoder's grouped batches
+    # (model.encoder_layers: a Flickr8k epoch's training 169 -> 115 s); the default decoder's grouped batches
     # carry more padding, which eats its saving (BENCHMARKS.md).
     group_by_image: bool = False
 
