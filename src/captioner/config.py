@@ -107,6 +107,9 @@ class TrainConfig:
     # (model.encoder_layers: a Flickr8k epoch's training 169 -> 115 s); the default decoder's grouped batches
     # carry more padding, which eats its saving (BENCHMARKS.md).
     group_by_image: bool = False
+    # The dev loss after every epoch (a pass over the dev captions). Selection uses it only with
+    # select_metric=val_loss; off, an epoch is 5-15 s shorter on Flickr8k (BENCHMARKS.md).
+    dev_loss: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,18 +137,20 @@ class ScstConfig:
     mirror: bool = False
 
 
+LENGTH_PENALTY_GRID = (0.0, 0.3, 0.6, 0.9, 1.2, 1.5)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20
     length_penalty: float = 0.6
-    # Pick length_penalty on the dev split from LENGTH_PENALTY_GRID before testing/export, by dev
+    # Pick length_penalty on the dev split from length_penalty_grid before testing/export, by dev
     # BLEU-4 or CIDEr-D (tune_metric; the length that suits one metric need not suit the other).
     tune_length_penalty: bool = False
     tune_metric: Literal["bleu4", "cider"] = "bleu4"
-
-
-LENGTH_PENALTY_GRID = (0.0, 0.3, 0.6, 0.9, 1.2, 1.5)
+    # The penalties tune_length_penalty tries (each one beam search over the dev split).
+    length_penalty_grid: list = field(default_factory=lambda: list(LENGTH_PENALTY_GRID))
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,12 @@ class Config:
             (self.export.max_decode_length >= self.decode.max_length, "export.max_decode_length",
              f"must be >= decode.max_length ({self.decode.max_length}): the state holds every position"),
             (self.decode.length_penalty >= 0, "decode.length_penalty", "must be >= 0"),
+            (isinstance(self.decode.length_penalty_grid, list) and len(self.decode.length_penalty_grid) > 0
+             and all(isinstance(a, int | float) and not isinstance(a, bool) and a >= 0
+                     for a in self.decode.length_penalty_grid),
+             "decode.length_penalty_grid", "must be a non-empty list of penalties >= 0, e.g. [0.9, 1.5, 2.1]"),
+            (self.train.dev_loss or self.train.select_metric != "val_loss", "train.dev_loss",
+             "must be true when train.select_metric=val_loss"),
             (self.tokenizer.max_length >= 3, "tokenizer.max_length", "must be >= 3"),
             (self.tokenizer.min_count >= 1, "tokenizer.min_count", "must be >= 1"),
             (self.tokenizer.max_size > 4, "tokenizer.max_size", "must be > 4 (the special tokens)"),

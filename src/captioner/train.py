@@ -552,7 +552,7 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
             values = [(row["epoch"], sign * row[key]) for row in history if key in row and row[key] != ""]
             self.best = max((v for _, v in values), default=-math.inf)
             self.best_epoch = max(((v, e) for e, v in values), default=(None, 0))[1]
-            self.epoch_start = time.perf_counter()
+            self.epoch_start = self.dev_start = time.perf_counter()
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch_start = time.perf_counter()
@@ -579,13 +579,20 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
                 print(f"early stop: no dev improvement for {patience} epoch(s)", flush=True)
                 self.model.stop_training = True
 
+        def on_test_begin(self, logs=None):
+            self.dev_start = time.perf_counter()
+
         def _select(self, epoch, logs):
+            # The dev part of the epoch: its loss pass (train.dev_loss) began it, else the decoding does.
+            dev_start = self.dev_start if "val_loss" in logs else time.perf_counter()
             logs["dev_bleu4"], dev_cider = self.dev_scores()
             lr = self.model.optimizer.learning_rate
             row = {"phase": "xe", "train_loss": float(logs.get("loss", float("nan"))),
-                   "val_loss": float(logs.get("val_loss", float("nan"))),
+                   # Not measured (train.dev_loss off): left empty, not NaN, in metrics.csv and the reports.
+                   **({"val_loss": float(logs["val_loss"])} if "val_loss" in logs else {}),
                    "dev_bleu4": logs["dev_bleu4"], "dev_cider": dev_cider, "learning_rate": float(np.asarray(lr)),
-                   "epoch_seconds": round(time.perf_counter() - self.epoch_start, 2)}
+                   "epoch_seconds": round(time.perf_counter() - self.epoch_start, 2),
+                   "dev_seconds": round(time.perf_counter() - dev_start, 2)}
             tracker.log_metrics(epoch=epoch + 1, **row)
             value = self.sign * row[self.key]
             if value > self.best:
@@ -594,9 +601,10 @@ def _callbacks(cfg: Config, model_dir: Path, tracker: ExperimentTracker, dev: Ca
                 self.model.save_weights(str(tmp))
                 os.replace(tmp, ckpt / "best.weights.h5")
             if progress:
-                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+                val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}{val} "
                       f"dev BLEU-4 {row['dev_bleu4']:.4f} CIDEr-D {dev_cider:.4f} (best epoch {self.best_epoch}) "
-                      f"{row['epoch_seconds']:.1f}s", flush=True)
+                      f"{row['epoch_seconds']:.1f}s (dev {row['dev_seconds']:.1f}s)", flush=True)
 
     class KillAfterEpoch(keras.callbacks.Callback):
         def __init__(self, epoch: int):
@@ -757,7 +765,8 @@ def _train(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, store: Fe
         # Keras' own epoch line would repeat DevSelection's (one line per epoch, with dev BLEU-4).
         with (_keras_multi_worker(model, train_ds.element_spec) if cfg.train.distribute == "multi_worker"
               else contextlib.nullcontext()):
-            model.fit(train_ds, validation_data=dev_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
+            model.fit(train_ds, validation_data=dev_ds if cfg.train.dev_loss else None, epochs=cfg.train.epochs,
+                      callbacks=callbacks, verbose=0)
     finished.parent.mkdir(parents=True, exist_ok=True)
     finished.write_text(f"{len(tracker.history())} epochs\n")
     best = model_dir / CHECKPOINT_DIR / "best.weights.h5"

@@ -146,22 +146,22 @@ def decode_split(model, tokenizer: Tokenizer, store: FeatureStore, images: list[
 def tune_length_penalty(model, tokenizer: Tokenizer, store: FeatureStore, dataset: CaptionDataset, cfg: Config,
                         progress: bool = True) -> tuple[float, dict[str, float]]:
     """Dev score (``decode.tune_metric``: BLEU-4 or CIDEr-D) of beam search for each length penalty of
-    the grid; returns the best (the smallest penalty on a tie) and all scores."""
-    from captioner.config import LENGTH_PENALTY_GRID
+    ``decode.length_penalty_grid``; returns the best (the smallest penalty on a tie) and all scores."""
     from captioner.evaluate import quick_bleu4
     from captioner.scst import corpus_cider
 
     score, label = {"bleu4": (quick_bleu4, "BLEU-4"), "cider": (corpus_cider, "CIDEr-D")}[cfg.decode.tune_metric]
     references = dataset.split_captions("dev")
     scores = {}
-    for alpha in LENGTH_PENALTY_GRID:
+    grid = sorted({float(a) for a in cfg.decode.length_penalty_grid})
+    for alpha in grid:
         hyps = decode_split(model, tokenizer, store, dataset.splits["dev"], beam_size=cfg.decode.beam_size,
                             max_length=cfg.decode.max_length, length_penalty=alpha)
         scores[str(alpha)] = score(references, hyps)
         if progress:
             print(f"dev beam {cfg.decode.beam_size} length_penalty {alpha}: {label} {scores[str(alpha)]:.4f}",
                   flush=True)
-    best = max(LENGTH_PENALTY_GRID, key=lambda a: scores[str(a)])
+    best = max(grid, key=lambda a: scores[str(a)])
     return best, scores
 
 
@@ -203,7 +203,8 @@ def fit_and_tune(cfg: Config, dataset: CaptionDataset, tokenizer: Tokenizer, sto
 RESUMABLE_FIELDS = ("name", "train.epochs", "train.early_stopping_patience", "train.distribute",
                     "features.batch_size", "features.shard_size", "features.cache_dir", "data.root",
                     "scst.epochs", "scst.patience", "decode.beam_size", "decode.length_penalty",
-                    "decode.tune_length_penalty", "decode.tune_metric", "eval.", "export.")
+                    "decode.tune_length_penalty", "decode.tune_metric", "decode.length_penalty_grid",
+                    "train.dev_loss", "eval.", "export.")
 class ResumeError(ConfigError):
     """The command asks to continue a run as something it is not (other config or data)."""
 

@@ -138,7 +138,8 @@ def test_train_step_trains_the_members_and_ships_them_as_one_model(tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--config", "smoke", "--set", "train.epochs=1", "--set", "scst.epochs=1",
-            "--set", "ensemble.members=[{}, {model: {encoder_layers: 1}, train: {group_by_image: true}}]",
+            "--set", "ensemble.members=[{}, {model: {encoder_layers: 1},"
+                                         " train: {group_by_image: true, dev_loss: false}}]",
             "--output", str(out), "--quiet"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -152,6 +153,10 @@ def test_train_step_trains_the_members_and_ships_them_as_one_model(tmp_path):
     history = training_history(out)
     assert list(history) == ["member 0", "member 1"]
     assert [[r["phase"] for r in rows] for rows in history.values()] == [["xe", "scst"]] * 2
+    # Member 1 skips the dev loss pass (train.dev_loss): its row leaves val_loss out, timings stay.
+    xe_rows = [rows[0] for rows in history.values()]
+    assert isinstance(xe_rows[0]["val_loss"], float) and xe_rows[1].get("val_loss", "") == ""
+    assert all(0 < r["dev_seconds"] < r["epoch_seconds"] for r in xe_rows)
     page = evaluation_html(json.loads((out / C.EVALUATION_JSON).read_text()), history, {}, 64)
     assert page.count("<svg") >= 6 and "member 1" in page
 

@@ -27,6 +27,10 @@ def test_overrides_are_typed():
     (["train.nope=1"], "train.nope", "unknown field"),
     (["model.d_model=100", "model.num_heads=3"], "model.d_model", "divisible"),
     (["features.backbone=resnet"], "features.backbone", "mobilenet_v1_075"),
+    (["decode.length_penalty_grid=[]"], "decode.length_penalty_grid", "non-empty list"),
+    (["decode.length_penalty_grid=[0.9, -1]"], "decode.length_penalty_grid", "penalties >= 0"),
+    (["decode.length_penalty_grid=1.5"], "decode.length_penalty_grid", "list"),
+    (["train.dev_loss=false", "train.select_metric=val_loss"], "train.dev_loss", "select_metric=val_loss"),
 ])
 def test_validation_names_the_field(override, field, words):
     with pytest.raises(ConfigError) as err:

@@ -14,12 +14,17 @@ from captioner.workflow import extract_step, load_data, tune_length_penalty
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("metric", ["bleu4", "cider"])
-def test_tune_length_penalty_picks_the_best_dev_score(smoke_run, metric):
+# The default grid, and decode.length_penalty_grid given unsorted, past the default's top.
+@pytest.mark.parametrize(("metric", "grid_setting"), [("bleu4", None), ("cider", [2.1, 0.0, 1.2])])
+def test_tune_length_penalty_picks_the_best_dev_score(smoke_run, metric, grid_setting):
     out, cfg = smoke_run
     # With the smoke config's 2 beams every penalty gives the same captions; with 5 they differ
     # (dev BLEU-4 0.260 at 0.0, 0.284 at 0.3, 0.284 from 0.6 on when this was written).
-    cfg = with_overrides(cfg, {"decode": {"beam_size": 5, "tune_metric": metric}})
+    decode_settings = {"beam_size": 5, "tune_metric": metric}
+    if grid_setting is not None:
+        decode_settings["length_penalty_grid"] = grid_setting
+    cfg = with_overrides(cfg, {"decode": decode_settings})
+    candidates = sorted(grid_setting) if grid_setting is not None else list(LENGTH_PENALTY_GRID)
     model, tokenizer, _ = load_trained(out)
     data = load_data(cfg)
     store = extract_step(cfg, data, progress=False)
@@ -30,14 +35,14 @@ def test_tune_length_penalty_picks_the_best_dev_score(smoke_run, metric):
     dev = data.splits["dev"]
     features = tf.constant(store.load(dev))
     expected = {}
-    for candidate in LENGTH_PENALTY_GRID:
+    for candidate in candidates:
         tokens = decode(model, model.encode(features), beam_size=cfg.decode.beam_size,
                         max_length=cfg.decode.max_length, length_penalty=candidate)["tokens"][:, 0].numpy()
         hyps = {image: tokenizer.decode(ids) for image, ids in zip(dev, tokens, strict=True)}
         score = quick_bleu4 if metric == "bleu4" else corpus_cider
-        expected[str(candidate)] = score(data.split_captions("dev"), hyps)
-    assert grid == pytest.approx(expected, abs=1e-9)
+        expected[candidate] = score(data.split_captions("dev"), hyps)
+    assert grid == pytest.approx({str(float(a)): v for a, v in expected.items()}, abs=1e-9)
     assert len(set(expected.values())) > 1  # the penalty changes this score, so the choice is tested
-    assert alpha in LENGTH_PENALTY_GRID and grid[str(alpha)] == max(expected.values())
+    assert alpha in candidates and grid[str(float(alpha))] == max(expected.values())
     # On ties the first (smallest) penalty of the grid wins, so the choice is reproducible.
-    assert alpha == next(a for a in LENGTH_PENALTY_GRID if expected[str(a)] == max(expected.values()))
+    assert alpha == next(a for a in candidates if expected[a] == max(expected.values()))
