@@ -1,10 +1,12 @@
 """Quality past Show, Attend and Tell (issue #9): the dev ablation and the test figures of a trained run.
 
-Reads a run folder written by ``captioner train`` with SCST (the flickr8k preset) and prints, then saves:
+Reads a run folder written by ``captioner train`` with SCST (the flickr8k preset; one model or an
+ensemble of members) and prints, then saves:
 
 * the dev ablation, every row scored by the COCO scorer on the dev split: the best cross-entropy
   checkpoint (greedy, beam), + SCST (greedy, beam at the preset's length penalty), + the length
-  penalty chosen on dev; with the dev grid of length penalties the run recorded;
+  penalty chosen on dev; for an ensemble, each member alone; with the dev grid of length penalties
+  the run recorded;
 * the test figures of the final recipe, as the run itself scored them (``evaluation.json``; the test
   split is scored once, by the run);
 * the share of test captions that end on a dangling word and that contain ``<unk>``, for the
@@ -55,15 +57,13 @@ def main() -> None:
     from captioner import workflow
     from captioner.config import config_from_dict, with_overrides
     from captioner.evaluate import coco_scores
-    from captioner.model.captioner import build_model
     from captioner.train import load_trained
 
     summary = json.loads((args.run / "run_summary.json").read_text())
     evaluation = json.loads((args.run / "evaluation.json").read_text())
     cfg = with_overrides(config_from_dict(summary["config"]), {"data": {"root": args.data_root}})
     final, tokenizer, spec = load_trained(args.run)
-    xe = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, spec.model_config)
-    xe.load_weights(str(args.run / "checkpoints" / "best.weights.h5"))
+    xe = cross_entropy_model(args.run, spec)
     dataset = workflow.load_data(cfg)
     store = workflow.extract_step(cfg, dataset, progress=False)
     beam, max_length = cfg.decode.beam_size, cfg.decode.max_length
@@ -89,6 +89,9 @@ def main() -> None:
                 scored("+ SCST", final, 1, preset_alpha), scored("+ SCST", final, beam, preset_alpha)]
     if tuned_alpha != preset_alpha:
         ablation.append(scored("+ SCST, length penalty tuned on dev", final, beam, tuned_alpha))
+    # An ensemble run: what each member scores alone, decoded as the ensemble is.
+    for i, member in enumerate(getattr(final, "members", [])):
+        ablation.append(scored(f"member {i} alone (+ SCST)", member, beam, tuned_alpha))
 
     shares = []
     for name, model in (("cross-entropy", xe), ("cross-entropy + SCST (final)", final)):
@@ -108,7 +111,8 @@ def main() -> None:
         "scst": summary.get("scst"), "selected_epoch": summary.get("selected_epoch"),
         "test": {"beam": evaluation["beam"], "greedy": evaluation["greedy"]},
         "test_caption_shares": shares, "stage_seconds": summary.get("timings_seconds"),
-        "wall_seconds": summary.get("wall_seconds"), "history": _history(args.run),
+        "wall_seconds": summary.get("wall_seconds"), "ensemble": summary.get("ensemble"),
+        "history": workflow.training_history(args.run),
     }
     out = args.output or Path(__file__).parent / "results" / f"quality-{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,11 +120,25 @@ def main() -> None:
     print(f"saved {out}")
 
 
-def _history(run: Path) -> list[dict]:
-    import csv
+def cross_entropy_model(run: Path, spec):
+    """The run's model as cross-entropy left it: its best cross-entropy checkpoint, or for an ensemble
+    run the ensemble of each member's (the members' folders hold their own checkpoints)."""
+    from captioner.config import ModelConfig
+    from captioner.model.captioner import build_model
 
-    with (run / "metrics.csv").open() as handle:
-        return list(csv.DictReader(handle))
+    def built(model_config, weights: Path):
+        model = build_model(spec.vocab_size, spec.num_regions, spec.feature_dim, model_config)
+        model.load_weights(str(weights))
+        return model
+
+    if not spec.ensemble:
+        return built(spec.model_config, run / "checkpoints" / "best.weights.h5")
+    from captioner.model.ensemble import EnsembleModel
+
+    # Each member's "source" is its final weights inside its own run folder (train_ensemble).
+    members = [built(ModelConfig(**m["model"]), (run / m["source"]).parent / "checkpoints" / "best.weights.h5")
+               for m in spec.ensemble["members"]]
+    return EnsembleModel(members, spec.ensemble["combine"])
 
 
 if __name__ == "__main__":
