@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     static = resources.files("captioner.serving").joinpath("static")
     demo_html = static.joinpath("demo.html").read_text(encoding="utf-8").replace(
         "{{MAX_BEAM_SIZE}}", str(settings.max_beam_size)).replace(
-        "{{DEFAULT_BEAM_SIZE}}", str(settings.default_beam_size))
+        "{{DEFAULT_BEAM_SIZE}}", str(settings.default_beam_size or ""))
     docs_html = static.joinpath("docs.html").read_text(encoding="utf-8")
     openapi_document = build_openapi(settings)
 
@@ -283,7 +283,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         raise ClientError(415, f"unsupported Content-Type {request.mimetype or 'none'!r}: send multipart/form-data "
                           "with a 'file' field or application/json with a base64 'image'", "unsupported_media_type")
 
-    def _params(model_max_length: int) -> tuple[str, DecodeRequest]:
+    def _params(model_max_length: int, model_beam_size: int) -> tuple[str, DecodeRequest]:
         source: dict[str, Any] = dict(request.args)
         if request.mimetype == "multipart/form-data":
             source.update(request.form.to_dict())
@@ -292,7 +292,8 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         algorithm = str(source.get("algorithm", "beam")).lower()
         if algorithm not in ("greedy", "beam"):
             raise ClientError(400, f"algorithm must be greedy or beam, got {algorithm!r}", "bad_parameter")
-        beam_size = _int(source.get("beam_size", settings.default_beam_size), "beam_size", C.MIN_BEAM_SIZE,
+        default_beam = settings.default_beam_size or min(model_beam_size, settings.max_beam_size)
+        beam_size = _int(source.get("beam_size", default_beam), "beam_size", C.MIN_BEAM_SIZE,
                          settings.max_beam_size)
         if algorithm == "greedy":
             beam_size = 1
@@ -311,7 +312,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         # One model version for the whole request: the input size and length limit checked here are
         # those of the version that decodes.
         model = snapshot_of(backend, g.request_id)
-        algorithm, decode = _params(model.max_length)
+        algorithm, decode = _params(model.max_length, model.beam_size)
         if decode.max_length > model.max_decode_length:
             raise ClientError(400, f"max_length must be at most {model.max_decode_length} for model version "
                               f"{model.version} (its decode state size), got {decode.max_length}", "bad_parameter")

@@ -95,6 +95,11 @@ class ModelSnapshot:
         return int(self.metadata.get("max_length", 20))
 
     @property
+    def beam_size(self) -> int:
+        """The export's beam width: the one its length penalty was tuned and its test figures taken with."""
+        return int(self.metadata.get("beam_size", 3))
+
+    @property
     def max_decode_length(self) -> int:
         """The longest caption this version's decode state holds."""
         return int(self.metadata.get("max_decode_length", self.max_length))

@@ -57,9 +57,12 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "algorithm": {"type": "string", "enum": ["beam", "greedy"], "default": "beam",
                       "description": "beam search, or greedy decoding (beam_size is then 1)."},
         "beam_size": {"type": "integer", "minimum": C.MIN_BEAM_SIZE, "maximum": max_beam,
-                      "default": settings.default_beam_size,
+                      **({"default": settings.default_beam_size} if settings.default_beam_size else {}),
                       "description": f"Beams to keep ({C.MIN_BEAM_SIZE}..{max_beam}, the same range as "
-                                     "`captioner caption --beam-size`); the number of n-best captions returned."},
+                                     "`captioner caption --beam-size`); the number of n-best captions returned"
+                                     + ("." if settings.default_beam_size else
+                                        "; default: the model's own (its export's `beam_size`, the width its "
+                                        "length penalty was tuned for).")},
         "max_length": {"type": "integer", "minimum": C.MIN_CAPTION_LENGTH, "maximum": max_length,
                        "description": f"Longest caption in tokens ({C.MIN_CAPTION_LENGTH}..{max_length}, as "
                                       "`captioner caption --max-length`); default: the model's `decode.max_length`. "

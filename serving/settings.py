@@ -39,7 +39,8 @@ class Settings:
     # May lower, never raise, the limits shared with the CLI (captioner.constants).
     max_beam_size: int = C.MAX_BEAM_SIZE
     max_caption_length: int = C.MAX_CAPTION_LENGTH
-    default_beam_size: int = 3
+    # 0: each model's own, the beam its export was tuned and evaluated with (metadata beam_size).
+    default_beam_size: int = 0
     cors_origins: tuple[str, ...] = ()
     api_key: str = ""                      # when set, /predict and /model/info need X-API-Key (comma-separated:
     api_keys: tuple[str, ...] = ()         # several keys, as has API_KEYS: any one is accepted, for rotation)
@@ -85,6 +86,8 @@ class Settings:
                   ("max_caption_length", C.MIN_CAPTION_LENGTH, C.MAX_CAPTION_LENGTH),
                   ("default_beam_size", C.MIN_BEAM_SIZE, settings.max_beam_size))
         for name, low, high in limits:
+            if name == "default_beam_size" and settings.default_beam_size == 0:
+                continue
             if not low <= getattr(settings, name) <= high:
                 raise ValueError(f"CAPTIONER_{name.upper()}={getattr(settings, name)!r}: must be between "
                                  f"{low} and {high}")

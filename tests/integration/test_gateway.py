@@ -51,6 +51,15 @@ def test_predict_multipart(client, test_images):
     assert greedy["beam_size"] == 1 and len(greedy["nbest"]) == 1
 
 
+def test_default_beam_is_the_exports_unless_the_gateway_sets_one(client, repo, test_images):
+    # The beam width the export's length penalty was tuned for (the smoke preset's 2), not a fixed 3.
+    exported = client.get("/model/info").json["metadata"]["beam_size"]
+    body = post_file(client, jpeg(test_images[0])).json
+    assert exported == 2 and body["beam_size"] == exported and len(body["nbest"]) == exported
+    pinned = create_app(Settings(model_repo=str(repo), poll_seconds=0, log_requests=False, default_beam_size=4))
+    assert post_file(pinned.test_client(), jpeg(test_images[0])).json["beam_size"] == 4
+
+
 def test_request_id_is_echoed(client, test_images):
     response = client.post("/predict", data={"file": (io.BytesIO(jpeg(test_images[0])), "a.jpg")},
                            headers={"X-Request-ID": "abc-123"}, content_type="multipart/form-data")
@@ -282,6 +291,7 @@ def test_tfserving_backend_matches_local(grpc_server, client, test_images):
     remote = app.test_client()
     assert remote.get("/ready").status_code == 200
     assert remote.get("/model/info").json["version"] == "1"
+    assert post_file(remote, jpeg(test_images[0])).json["beam_size"] == 2  # the export's, over gRPC too
     for path in test_images[:3]:
         a = post_file(remote, jpeg(path), beam_size="2", return_attention="true").json
         b = post_file(client, jpeg(path), beam_size="2", return_attention="true").json

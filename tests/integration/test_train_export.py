@@ -92,16 +92,23 @@ def _regions(run):
     return json.loads((run / "model.json").read_text())["num_regions"]
 
 
+def _decoder_layers(run):
+    """Decoder layers the export's features and state pack: an ensemble's members' layers, summed."""
+    spec = json.loads((run / "model.json").read_text())
+    members = (spec.get("ensemble") or {}).get("members") or [{"model": spec["model"]}]
+    return sum(member["model"]["num_layers"] for member in members)
+
+
 def test_encode_and_decode_step_signatures(smoke_run):
     out, cfg = smoke_run
     size = cfg.features.image_size
     sig, result = _session_run(out / "saved_model", C.SIG_ENCODE,
                                {C.IN_IMAGES: np.zeros((2, size, size, 3), np.uint8)})
     features = result[C.OUT_FEATURES]
-    regions = _regions(out)
-    assert features.shape == (2, regions, 2 * cfg.model.num_layers * cfg.model.d_model)
+    regions, layers = _regions(out), _decoder_layers(out)
+    assert features.shape == (2, regions, 2 * layers * cfg.model.d_model)
     slots = cfg.export.max_decode_length
-    state = np.zeros((2, 2 * cfg.model.num_layers, slots, cfg.model.d_model), np.float32)
+    state = np.zeros((2, 2 * layers, slots, cfg.model.d_model), np.float32)
     _, step = _session_run(out / "saved_model", C.SIG_DECODE_STEP,
                            {C.IN_FEATURES: features, C.IN_TOKENS: np.array([1, 1], np.int32), C.IN_STATE: state,
                             C.IN_POSITION: np.array([0, 0], np.int32)})
