@@ -108,7 +108,8 @@ class TrainConfig:
     # carry more padding, which eats its saving (BENCHMARKS.md).
     group_by_image: bool = False
     # The dev loss after every epoch (a pass over the dev captions). Selection uses it only with
-    # select_metric=val_loss; off, an epoch is 5-15 s shorter on Flickr8k (BENCHMARKS.md).
+    # select_metric=val_loss; off, a Flickr8k epoch was 6-15 s shorter on the eighth session's machine
+    # (BENCHMARKS.md).
     dev_loss: bool = True
 
 
