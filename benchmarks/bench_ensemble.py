@@ -36,6 +36,8 @@ def main() -> None:
                         help="beam widths to score (default: the first member's)")
     parser.add_argument("--length-penalty", type=float, nargs="+", default=None,
                         help="length penalties to score the beam at (default: the first member's)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, nargs="+", default=None,
+                        help="n-gram blocking sizes to score greedy and beam at (default: the first member's)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
 
@@ -54,19 +56,22 @@ def main() -> None:
                 cfg = with_overrides(model_spec.full_config, {"data": {"root": args.data_root}})
                 dataset = workflow.load_data(cfg)
                 store = workflow.extract_step(cfg, dataset, progress=False)
-                settings = [(b, a) for b in args.beam_size or [cfg.decode.beam_size]
+                settings = [(n, b, a) for n in args.no_repeat_ngram_size or [cfg.decode.no_repeat_ngram_size]
+                            for b in args.beam_size or [cfg.decode.beam_size]
                             for a in args.length_penalty or [cfg.decode.length_penalty]]
-                for i, (beam_size, penalty) in enumerate(settings):
+                for i, (ngram, beam_size, penalty) in enumerate(settings):
                     started = time.perf_counter()
-                    decode = {"beam_size": beam_size, "length_penalty": penalty}
+                    decode = {"beam_size": beam_size, "length_penalty": penalty, "no_repeat_ngram_size": ngram}
                     report = workflow.evaluate_model(model, tokenizer, store, dataset,
                                                      with_overrides(cfg, {"decode": decode}),
                                                      split="dev", progress=False)
-                    for decoder in ("greedy", "beam") if i == 0 else ("beam",):  # greedy: the same each time
+                    first = i == 0 or ngram != settings[i - 1][0]
+                    for decoder in ("greedy", "beam") if first else ("beam",):  # greedy: the same per n
                         scores = report[decoder]
                         row = {"name": name, "members": [str(p) for p in paths],
                                "combine": combine if len(paths) > 1 else None, "decoder": decoder,
                                "beam_size": scores["beam_size"], "length_penalty": scores.get("length_penalty"),
+                               "no_repeat_ngram_size": ngram,
                                **{k: scores[k] for k in METRICS}, "seconds": round(time.perf_counter() - started, 1)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)

@@ -504,7 +504,8 @@ class TFServingBackend:
         alpha = metadata["length_penalty"] if request.length_penalty is None else request.length_penalty
         out = decode_images(encode, step, pixels, num_regions=int(metadata["num_regions"]),
                             state_shape=metadata["state_shape"], beam_size=request.beam_size,
-                            max_length=request.max_length, length_penalty=float(alpha))
+                            max_length=request.max_length, length_penalty=float(alpha),
+                            no_repeat_ngram_size=int(metadata.get("no_repeat_ngram_size", 0)))
         if self.on_decode is not None:
             self.on_decode(steps)
         return results_from_decode({k: np.asarray(v) for k, v in out.items()}, vocab, request.with_attention)

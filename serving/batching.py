@@ -114,6 +114,7 @@ class BatchScheduler:
         meta = model.metadata
         self._num_regions = int(meta["num_regions"])
         self._state_shape = [int(x) for x in meta["state_shape"][1:]]
+        self._no_repeat_ngram_size = int(meta.get("no_repeat_ngram_size", 0))
 
     # -- the caller's side ---------------------------------------------------------------------
     def decode(self, pixels: np.ndarray, *, beam_size: int, max_length: int,
@@ -274,7 +275,8 @@ class BatchScheduler:
             try:
                 search = StepwiseSearch(features[offset:offset + images], beam_size=job.beam_size,
                                         max_length=job.max_length, length_penalty=job.length_penalty,
-                                        num_regions=self._num_regions)
+                                        num_regions=self._num_regions,
+                                        no_repeat_ngram_size=self._no_repeat_ngram_size)
             except Exception as exc:
                 job.finish(error=exc)
                 continue
@@ -340,10 +342,11 @@ class BatchScheduler:
         added: dict[int, list[int]] = {}   # id(group) -> rows of the new block, in order
         block = 0
         for job, search in arrivals:
-            key = (search.beam_size, search.max_length, search.alpha)
+            key = (search.beam_size, search.max_length, search.alpha, search.no_repeat_ngram_size)
             group = next((g for g in groups if g.key == key), None)
             if group is None:
-                group = SearchGroup(*key, self._num_regions)
+                group = SearchGroup(search.beam_size, search.max_length, search.alpha, self._num_regions,
+                                    search.no_repeat_ngram_size)
                 groups.append(group)
             group.add(search)
             jobs[id(search)] = job

@@ -153,7 +153,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "model_name": {"type": "string"}, "version": {"type": "string"},
             "backend": {"type": "string", "enum": ["local", "tfserving"]},
             "metadata": {"type": "object", "description": "The SavedModel's metadata: input_size, backbone, "
-                         "max_length, max_decode_length, beam_size, length_penalty, vocabulary size, metrics ..."}},
+                         "max_length, max_decode_length, beam_size, length_penalty, no_repeat_ngram_size, vocabulary "
+                         "size, metrics ..."}},
             "additionalProperties": True},
     }
     multipart = {"type": "object", "required": ["file"], "properties": {

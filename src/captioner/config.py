@@ -152,6 +152,9 @@ class DecodeConfig:
     tune_metric: Literal["bleu4", "cider"] = "bleu4"
     # The penalties tune_length_penalty tries (each one beam search over the dev split).
     length_penalty_grid: list = field(default_factory=lambda: list(LENGTH_PENALTY_GRID))
+    # Greedy and beam search never emit a token that repeats an n-gram of this size already in the
+    # caption (0: off). In the export's metadata, so the gateway decodes as serving_default does.
+    no_repeat_ngram_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,8 @@ class Config:
             (self.export.max_decode_length >= self.decode.max_length, "export.max_decode_length",
              f"must be >= decode.max_length ({self.decode.max_length}): the state holds every position"),
             (self.decode.length_penalty >= 0, "decode.length_penalty", "must be >= 0"),
+            (self.decode.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size",
+             "must be >= 0 (0: repeats allowed; 2: no word pair twice)"),
             (isinstance(self.decode.length_penalty_grid, list) and len(self.decode.length_penalty_grid) > 0
              and all(isinstance(a, int | float) and not isinstance(a, bool) and a >= 0
                      for a in self.decode.length_penalty_grid),

@@ -160,5 +160,6 @@ def score_saved_model(saved_model_dir, dataset, split: str = "test", *, beam_siz
         hypotheses.update((image, result.caption) for image, result in zip(batch, results, strict=True))
     scores = coco_scores(dataset.split_captions(split), hypotheses, meteor=meteor)
     scores.update({"beam_size": beam_size, "max_length": max_length,
-                   "length_penalty": float(captioner.metadata["length_penalty"])})
+                   "length_penalty": float(captioner.metadata["length_penalty"]),
+                   "no_repeat_ngram_size": captioner.no_repeat_ngram_size})
     return scores

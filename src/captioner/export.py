@@ -96,7 +96,7 @@ def build_module(backbone, model, vocab_txt: Path, cfg: Config, metadata: dict[s
             images = tf.map_fn(lambda b: decode_image_tf(b, size), image_bytes,
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
             out = decode(self._keras.model, self._memory(images), beam_size=beam, max_length=max_length,
-                         length_penalty=alpha)
+                         length_penalty=alpha, no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
             tokens = out["tokens"]
             shape = tf.shape(tokens)
             texts = tf.reshape(ids_to_text(tf.reshape(tokens, [-1, shape[2]]), self.table), shape[:2])
@@ -176,6 +176,7 @@ def export_saved_model(backbone, model, model_dir: Path | str, out_dir: Path | s
         "max_decode_length": cfg.export.max_decode_length,
         "special_tokens": list(C.SPECIAL_TOKENS), "beam_size": cfg.decode.beam_size,
         "max_length": cfg.decode.max_length, "length_penalty": cfg.decode.length_penalty,
+        "no_repeat_ngram_size": cfg.decode.no_repeat_ngram_size,
         "metrics": metrics or {}, "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "signatures": [C.SIG_SERVING, C.SIG_ENCODE, C.SIG_DECODE_STEP, C.SIG_METADATA],

@@ -75,7 +75,7 @@ def _words(ids, vocab: Sequence[str]) -> list[str]:
 
 
 def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int, state_shape: Sequence,
-                  beam_size: int, max_length: int, length_penalty: float) -> dict:
+                  beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram_size: int = 0) -> dict:
     """Greedy or beam search over ``encode``/``decode_step``-shaped callables.
 
     ``encode(pixels) -> features [B, N, d]``; ``step(features, tokens, state, position) -> (log_probs,
@@ -103,9 +103,10 @@ def decode_images(encode: Callable, step: Callable, pixels, *, num_regions: int,
         return step(tiled, tokens, state, tf.fill([tf.shape(tokens)[0]], tf.cast(t, tf.int32)))
 
     if beam_size == 1:
-        out = greedy_search(step_fn, state, batch, max_length, num_regions, length_penalty)
+        out = greedy_search(step_fn, state, batch, max_length, num_regions, length_penalty, no_repeat_ngram_size)
         return {k: v[:, None] for k, v in out.items()}
-    return beam_search(step_fn, state, batch, beam_size, max_length, num_regions, length_penalty)
+    return beam_search(step_fn, state, batch, beam_size, max_length, num_regions, length_penalty,
+                       no_repeat_ngram_size)
 
 
 class StepwiseSearch:
@@ -120,12 +121,13 @@ class StepwiseSearch:
     rows by the ``source`` it returns."""
 
     def __init__(self, features: np.ndarray, *, beam_size: int, max_length: int, length_penalty: float,
-                 num_regions: int):
+                 num_regions: int, no_repeat_ngram_size: int = 0):
         from captioner.model import decoding as D
 
         self.images = int(features.shape[0])
         self.beam_size, self.max_length = int(beam_size), int(max_length)
         self.alpha = float(length_penalty)
+        self.no_repeat_ngram_size = int(no_repeat_ngram_size)
         self.rows = self.images * self.beam_size
         self.features = np.repeat(np.asarray(features, np.float32), self.beam_size, axis=0)
         self.tokens = np.full([self.rows], C.START_ID, np.int32)
@@ -144,12 +146,14 @@ class StepwiseSearch:
         from captioner.model import decoding as D
 
         if self.beam_size == 1:
-            self.tokens, self._search = D.greedy_advance_np(self._search, log_probs, attention, self.t)
+            self.tokens, self._search = D.greedy_advance_np(self._search, log_probs, attention, self.t,
+                                                            self.no_repeat_ngram_size)
             source = np.arange(self.rows)
             finished = self._search["finished"].all()
         else:
             self.tokens, source, self._search = D.beam_advance_np(
-                self._search, log_probs, attention, self.t, self.beam_size, self.max_length, self._penalty)
+                self._search, log_probs, attention, self.t, self.beam_size, self.max_length, self._penalty,
+                self.no_repeat_ngram_size)
             finished = self._search["done"].all()
         self.t += 1
         self.done = bool(finished) or self.t >= self.max_length
@@ -235,11 +239,13 @@ class SearchGroup:
     its rows and its first ``t`` positions, which equal ``decoding``'s growing arrays because the
     unwritten positions hold zeros (``PAD_ID``, no attention), what those append."""
 
-    def __init__(self, beam_size: int, max_length: int, length_penalty: float, num_regions: int):
+    def __init__(self, beam_size: int, max_length: int, length_penalty: float, num_regions: int,
+                 no_repeat_ngram_size: int = 0):
         from captioner.model import decoding as D
 
         self.beam_size, self.max_length = int(beam_size), int(max_length)
         self.alpha, self.num_regions = float(length_penalty), int(num_regions)
+        self.no_repeat_ngram_size = int(no_repeat_ngram_size)
         self.members: list[StepwiseSearch] = []
         self._penalty = D.penalties(self.max_length, self.alpha)
         self._t = np.zeros([0], np.int32)                  # per image
@@ -247,8 +253,8 @@ class SearchGroup:
         self._search: dict[str, np.ndarray] = {}
 
     @property
-    def key(self) -> tuple[int, int, float]:
-        return self.beam_size, self.max_length, self.alpha
+    def key(self) -> tuple[int, int, float, int]:
+        return self.beam_size, self.max_length, self.alpha, self.no_repeat_ngram_size
 
     @property
     def rows(self) -> int:
@@ -260,8 +266,10 @@ class SearchGroup:
 
     def add(self, search: StepwiseSearch) -> None:
         """Take a search that has not advanced yet; its rows go last."""
-        if (search.beam_size, search.max_length, search.alpha) != self.key or search.t != 0:
-            raise ValueError("a group takes fresh searches of its own beam size, max length and length penalty")
+        if (search.beam_size, search.max_length, search.alpha, search.no_repeat_ngram_size) != self.key \
+                or search.t != 0:
+            raise ValueError("a group takes fresh searches of its own beam size, max length, length penalty and "
+                             "n-gram blocking")
         fresh = {}
         for name, value in search._search.items():
             if name in _HISTORIES:  # positions go in a buffer
@@ -286,6 +294,8 @@ class SearchGroup:
         first = t_rows == 0
         if first.any():
             masked[first] = np.asarray(log_probs, np.float32)[first] + D._np_mask(vocab, 0)[None]
+        if self.no_repeat_ngram_size:
+            masked += D.repeat_mask_np(self._search["tokens"], t_rows, self.no_repeat_ngram_size, vocab)
         attention = np.asarray(attention, np.float32)
         source = self._greedy(masked, attention) if self.beam_size == 1 else self._beam(masked, attention)
         self._t = self._t + 1
@@ -461,6 +471,8 @@ class SavedModelCaptioner:
         self.image_size = int(self.metadata["input_size"])
         self.max_length = int(self.metadata["max_length"])
         self.max_decode_length = int(self.metadata["max_decode_length"])
+        # Exports from before n-gram blocking decode without it, as their serving_default does.
+        self.no_repeat_ngram_size = int(self.metadata.get("no_repeat_ngram_size", 0))
         self._encode = self.loaded.signatures[C.SIG_ENCODE]
         self._step = self.loaded.signatures[C.SIG_DECODE_STEP]
         self._decoders: dict[tuple, Callable] = {}
@@ -484,7 +496,8 @@ class SavedModelCaptioner:
                 lambda images: decode_images(self.encode, self.decode_step, images,
                                              num_regions=int(self.metadata["num_regions"]),
                                              state_shape=self.metadata["state_shape"], beam_size=beam_size,
-                                             max_length=max_length, length_penalty=length_penalty),
+                                             max_length=max_length, length_penalty=length_penalty,
+                                             no_repeat_ngram_size=self.no_repeat_ngram_size),
                 reduce_retracing=True)
         return self._decoders[key]
 

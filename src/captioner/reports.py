@@ -170,6 +170,6 @@ def attention_example(model, tokenizer, store, image: str, path: Path, cfg) -> d
 
     features = tf.constant(store.load([image]))
     out = decode(model, model.encode(features), beam_size=cfg.decode.beam_size, max_length=cfg.decode.max_length,
-                 length_penalty=cfg.decode.length_penalty)
+                 length_penalty=cfg.decode.length_penalty, no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
     result = results_from_decode({k: v.numpy() for k, v in out.items()}, tokenizer.tokens, with_attention=True)[0]
     return {"path": path, "words": result.words, "attention": result.attention}

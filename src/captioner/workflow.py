@@ -91,10 +91,12 @@ def evaluate_model(model, tokenizer: Tokenizer, store: FeatureStore, dataset: Ca
     for name, beam in (("greedy", 1), ("beam", cfg.decode.beam_size)):
         start = time.perf_counter()
         hyps = decode_split(model, tokenizer, store, images, beam_size=beam, max_length=cfg.decode.max_length,
-                            length_penalty=cfg.decode.length_penalty)
+                            length_penalty=cfg.decode.length_penalty,
+                            no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
         seconds = time.perf_counter() - start
         scores = coco_scores(references, hyps, meteor=cfg.eval.meteor)
-        scores.update({"beam_size": beam, "decode_seconds": round(seconds, 3)})
+        scores.update({"beam_size": beam, "decode_seconds": round(seconds, 3),
+                       "no_repeat_ngram_size": cfg.decode.no_repeat_ngram_size})
         scores.update(caption_shares(hyps.values()))
         if beam > 1:
             scores["length_penalty"] = cfg.decode.length_penalty
@@ -126,14 +128,15 @@ def caption_shares(captions: Iterable[str]) -> dict[str, float]:
 
 
 def decode_split(model, tokenizer: Tokenizer, store: FeatureStore, images: list[str], *, beam_size: int,
-                 max_length: int, length_penalty: float, batch_size: int = 128) -> dict[str, str]:
+                 max_length: int, length_penalty: float, no_repeat_ngram_size: int = 0,
+                 batch_size: int = 128) -> dict[str, str]:
     """Captions for ``images`` from cached features: ``{image: caption}``."""
     import tensorflow as tf
 
     from captioner.model.decoding import decode
 
     run = tf.function(lambda f: decode(model, model.encode(f), beam_size=beam_size, max_length=max_length,
-                                       length_penalty=length_penalty))
+                                       length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size))
     hyps: dict[str, str] = {}
     for offset in range(0, len(images), batch_size):
         batch = images[offset:offset + batch_size]
@@ -156,7 +159,8 @@ def tune_length_penalty(model, tokenizer: Tokenizer, store: FeatureStore, datase
     grid = sorted({float(a) for a in cfg.decode.length_penalty_grid})
     for alpha in grid:
         hyps = decode_split(model, tokenizer, store, dataset.splits["dev"], beam_size=cfg.decode.beam_size,
-                            max_length=cfg.decode.max_length, length_penalty=alpha)
+                            max_length=cfg.decode.max_length, length_penalty=alpha,
+                            no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
         scores[str(alpha)] = score(references, hyps)
         if progress:
             print(f"dev beam {cfg.decode.beam_size} length_penalty {alpha}: {label} {scores[str(alpha)]:.4f}",
@@ -204,6 +208,7 @@ RESUMABLE_FIELDS = ("name", "train.epochs", "train.early_stopping_patience", "tr
                     "features.batch_size", "features.shard_size", "features.cache_dir", "data.root",
                     "scst.epochs", "scst.patience", "decode.beam_size", "decode.length_penalty",
                     "decode.tune_length_penalty", "decode.tune_metric", "decode.length_penalty_grid",
+                    "decode.no_repeat_ngram_size",
                     "train.dev_loss", "eval.", "export.")
 class ResumeError(ConfigError):
     """The command asks to continue a run as something it is not (other config or data)."""

@@ -92,7 +92,8 @@ def test_ensemble_exports_one_savedmodel_whose_signatures_equal_the_library(smok
     ensemble, tokenizer, _ = load_trained(folder)
     paths, features = _features(cfg)
     library = decode(ensemble, ensemble.encode(features), beam_size=cfg.decode.beam_size,
-                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty)
+                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty,
+                     no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
     expected = [r.caption for r in results_from_decode(library, tokenizer.tokens)]
     runner = SavedModelCaptioner(tmp_path / "sm")
     served = runner.loaded.signatures[C.SIG_SERVING](image_bytes=tf.constant([p.read_bytes() for p in paths]))
@@ -163,7 +164,8 @@ def test_train_step_trains_the_members_and_ships_them_as_one_model(tmp_path):
     cfg = spec.full_config  # the tuned length penalty included
     paths, features = _features(cfg, 4)
     library = decode(model, model.encode(features), beam_size=cfg.decode.beam_size,
-                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty)
+                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty,
+                     no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
     expected = [r.caption for r in results_from_decode(library, tokenizer.tokens)]
     runner = SavedModelCaptioner(out / C.SAVED_MODEL_DIR)
     served = runner.loaded.signatures[C.SIG_SERVING](image_bytes=tf.constant([p.read_bytes() for p in paths]))

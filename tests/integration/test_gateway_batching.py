@@ -31,22 +31,27 @@ def _same(tf_search: dict, np_search: dict) -> None:
         np.testing.assert_array_equal(np.asarray(value), np_search[name], err_msg=name)
 
 
+@pytest.mark.parametrize("ngram", [0, 2, 3])
 @pytest.mark.parametrize("beam_size,alpha,max_length", [(3, 0.6, 9), (4, 0.0, 6), (2, 1.0, 12), (5, -0.5, 7)])
-def test_numpy_beam_update_equals_the_graph_update(beam_size, alpha, max_length):
+def test_numpy_beam_update_equals_the_graph_update(beam_size, alpha, max_length, ngram):
     rng = np.random.default_rng(beam_size)
     images, vocab, regions = 3, 11, 4
     search = D.beam_start(images, beam_size, regions)
     mine = {k: v.numpy() for k, v in search.items()}
     penalty = D.penalties(max_length, alpha)
+    blocked = 0
     for t in range(max_length):
         log_probs = _random_log_probs(rng, images * beam_size, vocab)
         attention = rng.random((images * beam_size, regions)).astype(np.float32)
-        token, source, search = D.beam_advance(search, log_probs, attention, t, beam_size, max_length, alpha)
+        blocked += int(D.repeat_mask_np(mine["tokens"], np.full([images * beam_size], t), ngram, vocab).any())
+        token, source, search = D.beam_advance(search, log_probs, attention, t, beam_size, max_length, alpha,
+                                               ngram)
         my_token, my_source, mine = D.beam_advance_np(mine, log_probs, attention, t, beam_size, max_length,
-                                                      penalty)
+                                                      penalty, ngram)
         np.testing.assert_array_equal(token.numpy(), my_token)
         np.testing.assert_array_equal(source.numpy(), my_source)
         _same(search, mine)
+    assert (blocked > 0) == (ngram > 0)  # with 7 words the random searches do repeat themselves
 
 
 def test_numpy_beam_top_k_breaks_ties_by_index_on_a_large_vocabulary():
@@ -67,27 +72,29 @@ def test_search_group_top_k_equals_the_row_by_row_one():
     np.testing.assert_array_equal(_top_k(x, 6), tf.math.top_k(x, 6).indices.numpy())
 
 
-def test_numpy_greedy_update_equals_the_graph_update():
+@pytest.mark.parametrize("ngram", [0, 1, 2])
+def test_numpy_greedy_update_equals_the_graph_update(ngram):
     rng = np.random.default_rng(0)
     search = D.greedy_start(4, 3)
     mine = {k: v.numpy() for k, v in search.items()}
     for t in range(6):
         log_probs = _random_log_probs(rng, 4, 9)
         attention = rng.random((4, 3)).astype(np.float32)
-        token, search = D.greedy_advance(search, log_probs, attention, t)
-        my_token, mine = D.greedy_advance_np(mine, log_probs, attention, t)
+        token, search = D.greedy_advance(search, log_probs, attention, t, ngram)
+        my_token, mine = D.greedy_advance_np(mine, log_probs, attention, t, ngram)
         np.testing.assert_array_equal(token.numpy(), my_token)
         _same(search, mine)
 
 
-@pytest.mark.parametrize("beam_size,alpha", [(1, 0.6), (3, 1.2), (4, 0.0), (2, -0.5)])
-def test_stepwise_search_start_and_result_equal_the_graph_ones(beam_size, alpha):
+@pytest.mark.parametrize("beam_size,alpha,ngram", [(1, 0.6, 0), (3, 1.2, 2), (4, 0.0, 0), (2, -0.5, 3), (1, 0.6, 2)])
+def test_stepwise_search_start_and_result_equal_the_graph_ones(beam_size, alpha, ngram):
     # StepwiseSearch builds its start and its result in NumPy (the batch scheduler's threads must
     # not spend milliseconds on eager ops): the same bits as decoding's, at every position.
     rng = np.random.default_rng(beam_size)
     images, vocab, regions, max_length = 3, 11, 4, 8
     search = StepwiseSearch(np.zeros([images, regions, 2], np.float32), beam_size=beam_size,
-                            max_length=max_length, length_penalty=alpha, num_regions=regions)
+                            max_length=max_length, length_penalty=alpha, num_regions=regions,
+                            no_repeat_ngram_size=ngram)
     start = D.greedy_start(images, regions) if beam_size == 1 else D.beam_start(images, beam_size, regions)
     for name, value in start.items():
         assert search._search[name].dtype == value.dtype.as_numpy_dtype, name
@@ -107,17 +114,20 @@ def test_stepwise_search_start_and_result_equal_the_graph_ones(beam_size, alpha)
                        rng.random((search.rows, regions)).astype(np.float32))
 
 
-@pytest.mark.parametrize("beam_size,alpha,max_length", [(1, 0.6, 7), (3, 1.2, 9), (4, 0.0, 6), (2, -0.5, 8)])
-def test_search_group_steps_each_search_as_it_steps_alone(beam_size, alpha, max_length):
+@pytest.mark.parametrize("beam_size,alpha,max_length,ngram",
+                         [(1, 0.6, 7, 0), (3, 1.2, 9, 0), (4, 0.0, 6, 0), (2, -0.5, 8, 0), (1, 0.6, 8, 2),
+                          (3, 1.2, 9, 2), (2, 0.0, 9, 3)])
+def test_search_group_steps_each_search_as_it_steps_alone(beam_size, alpha, max_length, ngram):
     # The scheduler advances all searches of one kind in one NumPy update, each image at its own
     # position: every search must see the tokens, state reordering and result it gets alone.
     rng = np.random.default_rng(10 + beam_size)
     vocab, regions = 9, 4
-    group = SearchGroup(beam_size, max_length, alpha, regions)
+    group = SearchGroup(beam_size, max_length, alpha, regions, ngram)
 
     def fresh(images):
         return StepwiseSearch(np.zeros([images, regions, 2], np.float32), beam_size=beam_size,
-                              max_length=max_length, length_penalty=alpha, num_regions=regions)
+                              max_length=max_length, length_penalty=alpha, num_regions=regions,
+                              no_repeat_ngram_size=ngram)
 
     arrivals = {0: [2, 1], 2: [3], 3: [1], 5: [2, 1]}   # step -> images of the searches joining then
     alone: dict[int, StepwiseSearch] = {}

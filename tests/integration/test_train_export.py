@@ -79,7 +79,8 @@ def test_session_loader_serves_the_library_captions(smoke_run):
     backbone = build_backbone(cfg.features.backbone, cfg.features.weights, cfg.features.image_size)
     pixels = np.stack([load_image(p, cfg.features.image_size) for p in paths]).astype(np.float32)
     library = decode(model, model.encode(backbone(pixels)), beam_size=cfg.decode.beam_size,
-                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty)
+                     max_length=cfg.decode.max_length, length_penalty=cfg.decode.length_penalty,
+                     no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)
     library_captions = [r.caption for r in results_from_decode(library, tokenizer.tokens)]
     assert served_captions == library_captions
     np.testing.assert_allclose(served[C.OUT_SCORES], library["scores"][:, 0].numpy(), atol=1e-3)
@@ -122,6 +123,8 @@ def test_encode_and_decode_step_signatures(smoke_run):
     assert metadata["input_size"] == size and metadata["backbone"] == cfg.features.backbone
     assert metadata["max_decode_length"] == slots and metadata["state_shape"][2] == slots
     assert "bleu4" in metadata["metrics"]
+    # The gateway decodes with the export's n-gram blocking, as serving_default does.
+    assert metadata.get("no_repeat_ngram_size", 0) == cfg.decode.no_repeat_ngram_size  # absent: exported before
 
 
 def test_gateway_path_equals_serving_default(smoke_run):

@@ -30,6 +30,7 @@ def test_overrides_are_typed():
     (["decode.length_penalty_grid=[]"], "decode.length_penalty_grid", "non-empty list"),
     (["decode.length_penalty_grid=[0.9, -1]"], "decode.length_penalty_grid", "penalties >= 0"),
     (["decode.length_penalty_grid=1.5"], "decode.length_penalty_grid", "list"),
+    (["decode.no_repeat_ngram_size=-1"], "decode.no_repeat_ngram_size", ">= 0"),
     (["train.dev_loss=false", "train.select_metric=val_loss"], "train.dev_loss", "select_metric=val_loss"),
 ])
 def test_validation_names_the_field(override, field, words):

@@ -373,3 +373,69 @@ def test_length_penalties_are_computed_once_and_shared_read_only(monkeypatch):
     assert calls == []
     _normalizer(lengths[:1], 0.6)  # another shape: computed on it, as the graph computes it
     assert len(calls) == 1
+
+
+# -- n-gram blocking ------------------------------------------------------------------------------
+def test_repeat_mask_bans_what_would_repeat_an_ngram_hand_checked():
+    from captioner.model.decoding import NEG_INF, repeat_mask, repeat_mask_np
+
+    tokens = np.array([[5, 6, 7, 5, 6], [5, 6, 5, 7, 5], [5, 6, 7, 8, 9], [4, 4, 4, 4, 4]], np.int32)
+    banned = {2: [[7], [6, 7], [], [4]], 3: [[7], [], [], [4]], 4: [[], [], [], [4]]}
+    for n, expected in banned.items():
+        graph = repeat_mask(tf.constant(tokens), n, 10).numpy()
+        assert [np.flatnonzero(row).tolist() for row in graph] == expected, n
+        assert set(np.unique(graph)) <= {0.0, np.float32(NEG_INF)}
+        np.testing.assert_array_equal(repeat_mask_np(tokens, np.full([4], 5), n, 10), graph)
+    # Shorter histories than n, and an empty one: nothing to repeat yet.
+    assert not repeat_mask(tf.constant(tokens[:, :1]), 2, 10).numpy().any()
+    assert not repeat_mask(tf.zeros([2, 0], tf.int32), 3, 10).numpy().any()
+    assert not repeat_mask(tf.constant(tokens), 0, 10).numpy().any()
+
+
+def test_repeat_mask_np_reads_each_row_to_its_own_length():
+    # The gateway's batched searches keep histories in max_length buffers, each row at its own
+    # position: the NumPy mask of a row's first `length` tokens is the graph mask of those tokens.
+    from captioner.model.decoding import repeat_mask, repeat_mask_np
+
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(4, 8, (40, 12)).astype(np.int32)
+    lengths = rng.integers(0, 13, 40)
+    for n in (1, 2, 3):
+        mine = repeat_mask_np(tokens, lengths, n, 9)
+        for row, length in enumerate(lengths):
+            graph = repeat_mask(tf.constant(tokens[row:row + 1, :length]), n, 9).numpy()[0]
+            np.testing.assert_array_equal(mine[row], graph, err_msg=f"n={n} row={row}")
+    assert mine.any()
+
+
+# A model that loops "a b a b ...": b follows a (0.6), a follows b (0.7); c (0.3 after a) leads to <end>.
+LOOP = np.full((7, 7), 1e-9)
+LOOP[1, [4]] = [1.0]
+LOOP[4, [5, 6, 2]] = [0.6, 0.3, 0.1]
+LOOP[5, [4, 2]] = [0.7, 0.3]
+LOOP[6, [2]] = [1.0]
+LOOP_LOG = tf.constant(np.log(LOOP / LOOP.sum(1, keepdims=True)), tf.float32)
+
+
+def loop_step(tokens, state, t=None):
+    return tf.gather(LOOP_LOG, tokens), tf.one_hot(tf.fill([tf.shape(tokens)[0]], 0), 4), state
+
+
+def _repeats(ids, n: int) -> bool:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_greedy_and_beam_never_repeat_a_blocked_ngram():
+    loose = greedy_search(loop_step, tf.zeros([1, 1]), 1, 9, 4)["tokens"].numpy()[0].tolist()
+    assert loose == [4, 5, 4, 5, 4, 5, 4, 5, 4]  # the loop, cut at max_length
+    blocked = greedy_search(loop_step, tf.zeros([1, 1]), 1, 9, 4, no_repeat_ngram_size=2)
+    assert blocked["tokens"].numpy()[0].tolist() == [4, 5, 4, 6, 2]  # "a b a" then b is banned: c, <end>
+    assert blocked["finished"].numpy().tolist() == [True]
+    for n in (2, 3):
+        beam = beam_search(loop_step, tf.zeros([3, 1]), 1, 3, 12, 4, length_penalty=3.0, no_repeat_ngram_size=n)
+        for ids, finished in zip(beam["tokens"].numpy()[0], beam["finished"].numpy()[0], strict=True):
+            words = [i for i in ids.tolist() if i not in (0, 2)]
+            assert finished and not _repeats(words, n), (n, ids)
+    unblocked = beam_search(loop_step, tf.zeros([3, 1]), 1, 3, 12, 4, length_penalty=3.0)
+    assert any(_repeats([i for i in ids.tolist() if i not in (0, 2)], 2) for ids in unblocked["tokens"].numpy()[0])

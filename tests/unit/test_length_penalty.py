@@ -37,7 +37,8 @@ def test_tune_length_penalty_picks_the_best_dev_score(smoke_run, metric, grid_se
     expected = {}
     for candidate in candidates:
         tokens = decode(model, model.encode(features), beam_size=cfg.decode.beam_size,
-                        max_length=cfg.decode.max_length, length_penalty=candidate)["tokens"][:, 0].numpy()
+                        max_length=cfg.decode.max_length, length_penalty=candidate,
+                        no_repeat_ngram_size=cfg.decode.no_repeat_ngram_size)["tokens"][:, 0].numpy()
         hyps = {image: tokenizer.decode(ids) for image, ids in zip(dev, tokens, strict=True)}
         score = quick_bleu4 if metric == "bleu4" else corpus_cider
         expected[candidate] = score(data.split_captions("dev"), hyps)

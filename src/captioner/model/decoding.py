@@ -58,6 +58,27 @@ def _mask_invalid(log_probs, t):
     return log_probs + (never + tf.where(tf.equal(t, 0), first, tf.zeros_like(first)))[None]
 
 
+def repeat_mask(tokens, n: int, vocab):
+    """``[M, V]``: NEG_INF for every token that would complete an n-gram already in ``tokens [M, T]``
+    (0 elsewhere; all 0 when ``n`` is 0). Blocking repeated n-grams (Hugging Face's
+    ``no_repeat_ngram_size``) stops the loops that CIDEr-trained decoders fall into, "a man is riding
+    a bike on a bike"; ``repeat_mask_np`` is its NumPy twin."""
+    rows = tf.shape(tokens)[0]
+    if n <= 0:
+        return tf.zeros([rows, vocab], tf.float32)
+    m = n - 1
+    # m sentinels in front: every row has a last (n-1)-gram to compare, and no window that holds a
+    # sentinel can match a real one.
+    padded = tf.concat([tf.fill([rows, m], -1), tf.cast(tokens, tf.int32)], axis=1)
+    count = tf.shape(padded)[1] - m
+    match = tf.ones([rows, count], tf.bool)
+    for i in range(m):
+        match = tf.logical_and(match, tf.equal(padded[:, i:i + count], padded[:, count + i:count + i + 1]))
+    following = tf.one_hot(padded[:, m:], vocab, on_value=True, off_value=False)
+    banned = tf.reduce_any(tf.logical_and(following, match[:, :, None]), axis=1)
+    return tf.where(banned, NEG_INF, 0.0)
+
+
 # The searches are split into start / advance (one position) / result, so that the same code runs
 # inside ``tf.while_loop`` (greedy_search, beam_search) and one position at a time outside it (the
 # gateway's batch scheduler advances many requests' searches with one shared decode step). Every
@@ -80,10 +101,12 @@ def greedy_start(batch_size, num_regions: int) -> dict:
             "lengths": tf.zeros([batch_size], tf.int32)}
 
 
-def greedy_advance(search: dict, log_probs, attention, t) -> tuple[tf.Tensor, dict]:
+def greedy_advance(search: dict, log_probs, attention, t, no_repeat_ngram_size: int = 0) -> tuple[tf.Tensor, dict]:
     """One position: ``log_probs [B, V]`` and ``attention [B, N]`` of position ``t`` -> (the tokens to
     feed at ``t + 1`` [B], the search after ``t``). The decode state needs no reordering."""
     log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
+    if no_repeat_ngram_size:
+        log_probs = log_probs + repeat_mask(search["tokens"], no_repeat_ngram_size, tf.shape(log_probs)[-1])
     finished = search["finished"]
     token = tf.cast(tf.argmax(log_probs, axis=-1), tf.int32)
     token = tf.where(finished, PAD_ID, token)
@@ -110,11 +133,11 @@ def greedy_result(search: dict, length_penalty: float = 0.0) -> dict:
 
 
 def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regions: int,
-                  length_penalty: float = 0.0) -> dict:
+                  length_penalty: float = 0.0, no_repeat_ngram_size: int = 0) -> dict:
     """Returns ``tokens [B, T]`` (ending with <end> or cut at max_length), ``scores [B]`` (the log
     probability divided by the length penalty, as beam search scores are, so that the two compare),
     ``log_probs [B]`` (raw), ``lengths [B]``, ``attention [B, T, N]`` and ``finished [B]`` (False
-    when cut at max_length)."""
+    when cut at max_length). ``no_repeat_ngram_size``: see ``repeat_mask``."""
     batch_size = tf.convert_to_tensor(batch_size, tf.int32)
     state = tf.convert_to_tensor(state)
     last = tf.fill([batch_size], START_ID)
@@ -125,7 +148,7 @@ def greedy_search(step_fn: StepFn, state, batch_size, max_length: int, num_regio
 
     def body(t, last, state, *fields):
         log_probs, att, state = step_fn(last, state, t)
-        token, search = greedy_advance(_named(GREEDY_FIELDS, fields), log_probs, att, t)
+        token, search = greedy_advance(_named(GREEDY_FIELDS, fields), log_probs, att, t, no_repeat_ngram_size)
         return (t + 1, token, tf.convert_to_tensor(state), *(search[f] for f in GREEDY_FIELDS))
 
     loop = (tf.constant(0), last, state, *(search[f] for f in GREEDY_FIELDS))
@@ -166,7 +189,7 @@ def _settled(t, scores, pool_scores, k: int, max_length, alpha):
 
 
 def beam_advance(search: dict, log_probs, attention, t, beam_size: int, max_length,
-                 length_penalty) -> tuple[tf.Tensor, tf.Tensor, dict]:
+                 length_penalty, no_repeat_ngram_size: int = 0) -> tuple[tf.Tensor, tf.Tensor, dict]:
     """One position of beam search: ``log_probs [B*K, V]`` and ``attention [B*K, N]`` of position
     ``t`` -> (the tokens to feed at ``t + 1`` [B*K], ``source [B*K]``: the row of the decode state
     each row continues, to gather the state by, the search after ``t``). ``max_length`` and
@@ -182,7 +205,10 @@ def beam_advance(search: dict, log_probs, attention, t, beam_size: int, max_leng
     identity = tf.range(rows)
     att = tf.cast(attention, tf.float32)
     vocab = tf.shape(log_probs)[-1]
-    log_probs = tf.reshape(_mask_invalid(tf.cast(log_probs, tf.float32), t), [batch_size, k, vocab])
+    log_probs = _mask_invalid(tf.cast(log_probs, tf.float32), t)
+    if no_repeat_ngram_size:
+        log_probs = log_probs + repeat_mask(tokens, no_repeat_ngram_size, vocab)
+    log_probs = tf.reshape(log_probs, [batch_size, k, vocab])
     candidates = tf.reshape(scores[:, :, None] + log_probs, [batch_size, k * vocab])
     # Each beam has one <end> candidate, so the best 2k hold at least k that go on.
     top, index = tf.math.top_k(candidates, k=2 * k)
@@ -270,7 +296,7 @@ def beam_result(search: dict, beam_size: int, length_penalty) -> dict:
 
 
 def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: int, num_regions: int,
-                length_penalty: float = 0.6) -> dict:
+                length_penalty: float = 0.6, no_repeat_ngram_size: int = 0) -> dict:
     """Batched beam search. ``state`` (and whatever ``step_fn`` closes over) must already be tiled
     to ``batch_size * beam_size`` rows, beams of an image adjacent.
 
@@ -282,7 +308,8 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
     Returns, best first per image: ``tokens [B, K, T]``, ``scores [B, K]`` (length-normalised log
     probability), ``log_probs [B, K]`` (raw), ``lengths [B, K]``, ``attention [B, K, T, N]`` and
     ``finished [B, K]``. Finished captions come first; unfinished ones (cut at ``max_length``) fill
-    the remaining places only when fewer than ``k`` finished.
+    the remaining places only when fewer than ``k`` finished. ``no_repeat_ngram_size``: see
+    ``repeat_mask``.
     """
     k = beam_size
     alpha = float(length_penalty)
@@ -297,7 +324,7 @@ def beam_search(step_fn: StepFn, state, batch_size, beam_size: int, max_length: 
     def body(t, last, state, *fields):
         log_probs, att, state = step_fn(last, state, t)
         token, source, search = beam_advance(_named(BEAM_FIELDS, fields), log_probs, att, t, k, max_length,
-                                             alpha)
+                                             alpha, no_repeat_ngram_size)
         state = tf.gather(tf.convert_to_tensor(state), source)
         return (t + 1, token, state, *(search[f] for f in BEAM_FIELDS))
 
@@ -338,6 +365,26 @@ def _np_top_k(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def repeat_mask_np(tokens: np.ndarray, lengths: np.ndarray, n: int, vocab: int) -> np.ndarray:
+    """``repeat_mask`` on NumPy arrays, each row's history its first ``lengths[r]`` positions (the
+    gateway's batched searches keep histories in buffers of ``max_length`` positions)."""
+    rows, steps = tokens.shape[0], tokens.shape[1]
+    mask = np.zeros([rows, vocab], np.float32)
+    m = n - 1
+    count = steps - m
+    if n <= 0 or count <= 0:
+        return mask
+    lengths = np.asarray(lengths, np.int64)
+    every = np.arange(rows)
+    match = np.arange(count)[None] + m < lengths[:, None]  # windows whose next token is in the history
+    for i in range(m):
+        last = tokens[every, np.clip(lengths - m + i, 0, steps - 1)]
+        match &= tokens[:, i:i + count] == last[:, None]
+    row, window = np.nonzero(match)
+    mask[row, tokens[row, window + m]] = _NP_NEG_INF
+    return mask
+
+
 @functools.lru_cache(maxsize=256)
 def penalties(max_length: int, alpha: float) -> np.ndarray:
     """``length_normalizer(0 .. max_length + 2, alpha)`` as NumPy float32, computed by TensorFlow one
@@ -350,9 +397,13 @@ def penalties(max_length: int, alpha: float) -> np.ndarray:
 
 
 def greedy_advance_np(search: dict, log_probs: np.ndarray, attention: np.ndarray,
-                      t: int) -> tuple[np.ndarray, dict]:
+                      t: int, no_repeat_ngram_size: int = 0) -> tuple[np.ndarray, dict]:
     """``greedy_advance`` on NumPy arrays."""
     log_probs = np.asarray(log_probs, np.float32) + _np_mask(log_probs.shape[-1], t)[None]
+    if no_repeat_ngram_size:
+        tokens = search["tokens"]
+        log_probs = log_probs + repeat_mask_np(tokens, np.full([len(tokens)], tokens.shape[1]),
+                                               no_repeat_ngram_size, log_probs.shape[-1])
     finished = search["finished"]
     token = np.where(finished, PAD_ID, np.argmax(log_probs, axis=-1)).astype(np.int32)
     gain = log_probs[np.arange(len(token)), token]
@@ -365,7 +416,8 @@ def greedy_advance_np(search: dict, log_probs: np.ndarray, attention: np.ndarray
 
 
 def beam_advance_np(search: dict, log_probs: np.ndarray, attention: np.ndarray, t: int, beam_size: int,
-                    max_length: int, penalty: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+                    max_length: int, penalty: np.ndarray,
+                    no_repeat_ngram_size: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
     """``beam_advance`` on NumPy arrays; ``penalty`` is ``penalties(max_length, length_penalty)``."""
     k = beam_size
     scores, done = search["scores"], search["done"]
@@ -375,7 +427,10 @@ def beam_advance_np(search: dict, log_probs: np.ndarray, attention: np.ndarray, 
     num_regions = attention_so_far.shape[-1]
     base = np.arange(batch_size)[:, None] * k
     att = np.asarray(attention, np.float32)
-    log_probs = (np.asarray(log_probs, np.float32) + _np_mask(vocab, t)[None]).reshape(batch_size, k, vocab)
+    log_probs = np.asarray(log_probs, np.float32) + _np_mask(vocab, t)[None]
+    if no_repeat_ngram_size:
+        log_probs = log_probs + repeat_mask_np(tokens, np.full([rows], tokens.shape[1]), no_repeat_ngram_size, vocab)
+    log_probs = log_probs.reshape(batch_size, k, vocab)
     candidates = (scores[:, :, None] + log_probs).reshape(batch_size, k * vocab)
     index = _np_top_k(candidates, 2 * k)
     top = np.take_along_axis(candidates, index, axis=1)
@@ -432,7 +487,8 @@ def tile_beams(x, beam_size: int):
     return tf.repeat(x, beam_size, axis=0)
 
 
-def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: float = 0.6) -> dict:
+def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: float = 0.6,
+           no_repeat_ngram_size: int = 0) -> dict:
     """Decode ``memory [B, N, d]`` with ``model.step``: greedy when ``beam_size == 1``, else beam search.
 
     The result always has a beam axis: ``tokens [B, K, T]``, ``scores [B, K]``, ``attention [B, K, T, N]``.
@@ -445,9 +501,9 @@ def decode(model, memory, *, beam_size: int, max_length: int, length_penalty: fl
     if beam_size == 1:
         cross = split(cross)
         out = greedy_search(lambda tok, st, t: model.step(cross, tok, st, t), model.initial_state(batch, max_length),
-                            batch, max_length, regions, length_penalty)
+                            batch, max_length, regions, length_penalty, no_repeat_ngram_size)
         return {k: v[:, None] for k, v in out.items()}
     tiled = split(tile_beams(cross, beam_size))
     return beam_search(lambda tok, st, t: model.step(tiled, tok, st, t),
                        model.initial_state(batch * beam_size, max_length), batch, beam_size, max_length, regions,
-                       length_penalty)
+                       length_penalty, no_repeat_ngram_size)
